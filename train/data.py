@@ -1,0 +1,103 @@
+"""Prompt sources: synthetic arithmetic (offline, seeded), local JSONL, or a hub dataset.
+
+Every source yields rows `{"id", "prompt", "answer"}`; `conversation` turns one into chat messages.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from train.config import ConfigError, DataConfig
+
+Item = dict[str, Any]
+
+
+def arithmetic_splits(cfg: DataConfig, seed: int) -> tuple[list[Item], list[Item]]:
+    """Disjoint train/eval sets of `a op b` questions, fixed by the seed."""
+    combos = [(a, b, op) for op in cfg.operators for a in range(cfg.max_a + 1) for b in range(cfg.max_b + 1)]
+    if cfg.num_train + cfg.num_eval > len(combos):
+        raise ConfigError(
+            f"data.num_train + data.num_eval = {cfg.num_train + cfg.num_eval} exceeds the {len(combos)} "
+            "distinct arithmetic questions; raise data.max_a/max_b or lower the counts"
+        )
+    random.Random(seed).shuffle(combos)
+
+    def item(i: int, a: int, b: int, op: str) -> Item:
+        value = a + b if op == "+" else a - b
+        return {"id": f"arith-{i}", "prompt": f"What is {a} {op} {b}?", "answer": str(value)}
+
+    rows = [item(i, *c) for i, c in enumerate(combos[: cfg.num_train + cfg.num_eval])]
+    return rows[cfg.num_eval :], rows[: cfg.num_eval]
+
+
+def read_prompt_file(path: str, cfg: DataConfig, need_answer: bool) -> list[Item]:
+    """Read a JSONL of prompts; a missing field names the file, row and field."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"data file not found: {path}")
+    rows = []
+    with open(p) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path}:{n}: each line must be a JSON object")
+            prompt = row.get(cfg.prompt_field)
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ConfigError(f"{path}:{n}: missing field `{cfg.prompt_field}`")
+            answer = row.get(cfg.answer_field)
+            if need_answer and answer is None:
+                raise ConfigError(f"{path}:{n}: missing field `{cfg.answer_field}`")
+            rows.append({"id": str(row.get("id", f"{p.stem}-{n}")), "prompt": prompt, "answer": answer})
+    if not rows:
+        raise ConfigError(f"{path}: no prompts")
+    return rows
+
+
+def _hub_split(cfg: DataConfig, split: str) -> list[Item]:
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(cfg.hub_id, cfg.hub_subset, split=split)
+    except Exception as e:  # offline, unknown id, unknown split: all user-fixable
+        raise ConfigError(f"data.hub_id={cfg.hub_id} split={split}: could not load ({type(e).__name__}: {e})") from None
+    for field in (cfg.prompt_field,):
+        if field not in ds.column_names:
+            raise ConfigError(f"data.prompt_field: `{field}` is not a column of {cfg.hub_id} ({ds.column_names})")
+    return [
+        {"id": f"{split}-{i}", "prompt": row[cfg.prompt_field], "answer": row.get(cfg.answer_field)}
+        for i, row in enumerate(ds)
+    ]
+
+
+def load_items(cfg: DataConfig, seed: int, max_prompts: int | None = None) -> tuple[list[Item], list[Item]]:
+    """(train, eval) rows; `max_prompts` caps training prompts, `eval_limit` evaluation ones."""
+    if cfg.source == "arithmetic":
+        train, evals = arithmetic_splits(cfg, seed)
+    elif cfg.source == "jsonl":
+        if not cfg.train_file:
+            raise ConfigError("data.train_file: required when data.source is jsonl")
+        train = read_prompt_file(cfg.train_file, cfg, need_answer=False)
+        evals = read_prompt_file(cfg.eval_file, cfg, need_answer=True) if cfg.eval_file else []
+    else:
+        if not cfg.hub_id:
+            raise ConfigError("data.hub_id: required when data.source is hub")
+        train, evals = _hub_split(cfg, cfg.train_split), _hub_split(cfg, cfg.eval_split)
+    if max_prompts:
+        train = train[:max_prompts]
+    if cfg.eval_limit:
+        evals = evals[: cfg.eval_limit]
+    return train, evals
+
+
+def conversation(item: Item, cfg: DataConfig) -> list[dict[str, str]]:
+    content = item["prompt"] + (f"\n{cfg.instruction}" if cfg.instruction else "")
+    messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    return messages + [{"role": "user", "content": content}]

@@ -1,0 +1,82 @@
+"""Data-parallel helpers for `accelerate launch`: each rank samples its shard, rank 0 writes artifacts.
+
+With one process (no WORLD_SIZE in the environment) every helper is a no-op, so single-process
+runs never initialise torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import cache
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@cache
+def _state():
+    import torch
+    from accelerate import PartialState
+
+    # The same singleton TRL's Trainer joins later. Without cpu=True a CPU launch stays single-process
+    # (DistributedType.NO, every rank thinks it is rank 0).
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def rank() -> int:
+    return _state().process_index if world_size() > 1 else 0
+
+
+def local_rank() -> int:
+    return _state().local_process_index if world_size() > 1 else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        _state().wait_for_everyone()
+
+
+def shard(items: list[T]) -> list[T]:
+    """This rank's slice, strided so every rank gets a similar mix."""
+    return items[rank() :: world_size()]
+
+
+def gather_rows(rows: list[Any]) -> list[Any]:
+    """Every rank's rows, concatenated in rank order, on every rank."""
+    if world_size() == 1:
+        return rows
+    from accelerate.utils import gather_object
+
+    return gather_object(rows)  # all_gather_object, flattened in rank order
+
+
+def map_sharded(fn: Callable[[list[T]], list[U]], items: list[T]) -> list[U]:
+    """`fn` over this rank's shard on every rank (data-parallel sampling); all results, in `items` order, on
+    every rank. `fn` must return one result per item."""
+    if world_size() == 1:
+        return fn(items)
+    mine = fn(shard(items))
+    assert len(mine) == len(shard(items)), "map_sharded: fn must return one result per item"
+    out: list[Any] = [None] * len(items)
+    for r, part in enumerate(gather_rows([mine])):  # one list per rank, in rank order
+        out[r :: world_size()] = part
+    return out
+
+
+def broadcast(obj: T) -> T:
+    """Rank 0's value on every rank."""
+    if world_size() == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([obj], from_process=0)[0]

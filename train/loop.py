@@ -1,0 +1,183 @@
+"""The iteration loop's plumbing: phases that skip when their artifact exists, timings, metrics.
+
+An algorithm module calls `run.phase(k, name, artifact, fn)` for each step of its algorithm box.
+`fn` writes `artifact` (atomically) and returns metrics; on rerun a finished phase is skipped and
+its recorded metrics are reused, so re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from train import distributed as dist
+from train.artifacts import read_json, write_json, write_jsonl
+from train.config import Recipe, recipe_to_dict
+from train.models import resolve_model
+from train.sampling import Sampler, get_sampler
+
+log = logging.getLogger("selfreward")
+
+
+class StopRun(Exception):
+    """The run cannot usefully continue (e.g. zero pairs); the message says why and what to change."""
+
+
+def _is_oom(e: BaseException) -> bool:
+    """CUDA OOM (torch.OutOfMemoryError), Python's MemoryError, or torch's CPU allocator giving up."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e))
+
+
+class Run:
+    """Everything one `selfreward run` shares across phases: paths, the engine, the tracker."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.out = Path(recipe.output_dir)
+        self.is_main = dist.is_main()
+        model_path = None
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            model_path = resolve_model(recipe.model)  # converts the embedded GGUF once, on one rank
+            write_json(self.out / "recipe.json", recipe_to_dict(recipe))
+        self.model_path: str = dist.broadcast(model_path)
+        self._sampler: Sampler | None = None
+        self.tracker = None
+        self.report_to = "wandb" if recipe.logging.wandb and self.is_main else "none"
+
+    def iter_dir(self, k: int) -> Path:
+        return self.out / f"iter_{k}"
+
+    def adapter(self, k: int) -> Path | None:
+        """The adapter that iteration k+1 starts from (None = base model)."""
+        path = self.iter_dir(k) / "adapter"
+        return path if k > 0 and (path / "adapter_config.json").is_file() else None
+
+    @property
+    def sampler(self) -> Sampler:
+        # Built on first use only: a fully resumed iteration never starts the engine.
+        if self._sampler is None:
+            r = self.recipe
+            try:
+                self._sampler = get_sampler(self.model_path, r.sampling, r.lora.r, r.seed, r.trust_remote_code)
+            except (RuntimeError, ValueError, MemoryError) as e:
+                if r.sampling.engine == "server":
+                    raise StopRun(
+                        f"no vLLM server to sample from ({e}). Start one (README: vLLM server) or fix "
+                        f"sampling.server_url (now {r.sampling.server_url})"
+                    ) from e
+                raise StopRun(
+                    f"the {r.sampling.engine} sampling engine failed to start ({type(e).__name__}: {e}); the engine's "
+                    f"log above names the cause. Usual fixes: set sampling.kv_cache_gib (now {r.sampling.kv_cache_gib}) to "
+                    f"size the KV cache directly, or change sampling.gpu_memory_utilization (now "
+                    f"{r.sampling.gpu_memory_utilization}; it must cover the weights plus the KV cache, so too low "
+                    "fails as well as too high), lower sampling.max_model_len, free memory held by other processes, "
+                    "or use sampling.engine=hf"
+                ) from e
+        return self._sampler
+
+    def sampler_sleep(self) -> None:
+        """Free the engine's GPU memory for the trainer (no-op on CPU or before first use)."""
+        if self._sampler is not None:
+            self._sampler.sleep()
+
+    def train_dpo(self, k: int, pairs: list[dict[str, Any]], beta: float, nll_alpha: float) -> dict[str, Any]:
+        """DPO for iteration k: continues from iteration k-1's adapter, which is also the reference."""
+        from train.dpo import train_dpo  # TRL is heavy: import only when a train phase runs
+
+        r = self.recipe
+        self.sampler_sleep()
+        start = self.adapter(k - 1)
+        return train_dpo(
+            self.model_path,
+            pairs,
+            str(self.iter_dir(k)),
+            init_adapter=str(start) if start else None,
+            lora=r.lora.model_dump(),
+            beta=beta,
+            nll_alpha=nll_alpha,
+            trainer_overrides=r.trainer,
+            seed=r.seed + k,
+            trust_remote_code=r.trust_remote_code,
+            report_to=self.report_to,
+        )
+
+    def phase(
+        self, k: int, name: str, artifact: Path, fn: Callable[[], dict[str, Any]], all_ranks: bool = False
+    ) -> dict[str, Any]:
+        """Run `fn` unless `artifact` exists. Rank 0 alone runs it unless `all_ranks` (sharded
+        generation, distributed training); either way only rank 0 writes, and ranks meet after."""
+        metrics_path = self.iter_dir(k) / "phases" / f"{name}.json"
+        if dist.broadcast(artifact.exists() if self.is_main else None):
+            log.info("iter %d: %s done (%s), skipping", k, name, artifact.name)
+            return read_json(metrics_path)["metrics"] if metrics_path.exists() else {}
+        log.info("iter %d: %s ...", k, name)
+        start = time.perf_counter()
+        try:
+            metrics = fn() if (all_ranks or self.is_main) else {}
+        except Exception as e:
+            if _is_oom(e):
+                raise StopRun(self._oom_advice(k, name, e)) from e
+            if type(e).__name__ == "NonFiniteLossError":  # train.dpo: the loss went nan/inf
+                raise StopRun(
+                    f"iter {k}: {e}. Nothing of this iteration was published. Lower trainer.learning_rate (now "
+                    f"{self.recipe.trainer.get('learning_rate', 'default')}) or check the pairs in iter_{k}"
+                ) from e
+            if type(e).__name__ == "EngineDeadError":  # vLLM's engine process died mid-generation
+                raise StopRun(
+                    f"iter {k}: the vLLM engine died during phase `{name}`; finished chunks are kept and a rerun "
+                    "resumes. If it ran out of memory, lower sampling.gpu_memory_utilization or sampling.batch_size"
+                ) from e
+            raise
+        seconds = time.perf_counter() - start
+        if self.is_main:
+            # Written before the artifact is published: a published artifact always has its metrics.
+            write_json(metrics_path, {"metrics": metrics, "seconds": seconds})
+            if not artifact.exists():
+                raise RuntimeError(f"phase {name} finished without writing {artifact}")
+            log.info("iter %d: %s took %.1fs %s", k, name, seconds, _short(metrics))
+        dist.barrier()
+        return dist.broadcast(metrics)
+
+    def _oom_advice(self, k: int, name: str, e: BaseException) -> str:
+        t = self.recipe.trainer
+        where = f"iter {k}: phase `{name}` ran out of memory ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        if name != "train":
+            return f"{where}. Lower sampling.batch_size or sampling.max_model_len; a rerun resumes"
+        return (
+            f"{where}. Nothing of this iteration was published and a rerun resumes. To fit: lower "
+            f"trainer.per_device_train_batch_size (now {t.get('per_device_train_batch_size', 'default')}) and raise "
+            "trainer.gradient_accumulation_steps, set trainer.gradient_checkpointing=true, lower trainer.max_length, "
+            "or shard the model with ZeRO-3 (accelerate launch --config_file recipes/accelerate/zero3.yaml)"
+        )
+
+    def iteration_row(self, k: int) -> dict[str, Any]:
+        row: dict[str, Any] = {"iteration": k}
+        phases = self.iter_dir(k) / "phases"
+        for path in sorted(phases.glob("*.json")) if phases.exists() else []:
+            rec = read_json(path)
+            row.update({f"{path.stem}/{key}": v for key, v in rec["metrics"].items()})
+            row[f"time/{path.stem}_s"] = round(rec["seconds"], 3)
+        return row
+
+    def write_metrics(self, upto: int) -> list[dict[str, Any]]:
+        """Rewrite metrics.jsonl with one row per finished iteration (idempotent under resume)."""
+        if not self.is_main:
+            return []
+        rows = [self.iteration_row(k) for k in range(0, upto + 1) if (self.iter_dir(k) / "phases").exists()]
+        write_jsonl(self.out / "metrics.jsonl", rows)
+        if self.tracker is not None and rows:
+            self.tracker.log_iteration(rows[-1])
+        return rows
+
+
+def _short(metrics: dict[str, Any]) -> str:
+    keep = {
+        k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items() if not isinstance(v, (dict, list))
+    }
+    return str(dict(list(keep.items())[:6])) if keep else ""

