@@ -56,6 +56,7 @@ def _run(tmp_path) -> Run:
     recipe = Recipe.model_validate({"algorithm": "scpo", "output_dir": str(tmp_path / "out")})
     run = Run.__new__(Run)  # skip model resolution: this test exercises phase bookkeeping only
     run.recipe, run.out, run.tracker, run._sampler, run.is_main = recipe, tmp_path / "out", None, None, True
+    run.skipped_prompts = {}
     return run
 
 

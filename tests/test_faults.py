@@ -409,6 +409,29 @@ def test_all_null_scores_in_pair_selection():
     assert len(elo) == 3 and all(abs(float(e) - float(elo[0])) < 1e-9 for e in elo)
 
 
+def test_prompts_longer_than_the_context_are_skipped_and_counted(tiny_model_dir, tmp_path):
+    from train.config import Recipe
+    from train.loop import Run, StopRun
+
+    recipe = Recipe.model_validate(
+        {"algorithm": "scpo", "output_dir": str(tmp_path / "out"), "sampling": {"max_model_len": 128}}
+    )
+    run = Run.__new__(Run)  # no model resolution: the tokenizer of the tiny model is all this needs
+    run.recipe, run.out, run.is_main, run.model_path = recipe, tmp_path / "out", True, tiny_model_dir
+    run.skipped_prompts = {}
+    run.out.mkdir()
+    items = [{"id": "short", "prompt": "What is 2 + 3?", "answer": "5"}]
+    items.append({"id": "long", "prompt": "word " * 200, "answer": "0"})
+    items.append({"id": "edge", "prompt": "What is 1 + 1?" + " ok" * 40, "answer": "2"})
+    kept = run.fit_context(items, "train", reserve=64)  # 128 - 64 = 64 prompt tokens allowed
+    assert [it["id"] for it in kept] == ["short"]
+    skipped = [json.loads(x) for x in (run.out / "skipped_train_prompts.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in skipped] == ["long", "edge"] and all(r["prompt_tokens"] > 64 for r in skipped)
+    assert run.iteration_row(1)["data/skipped_train_prompts"] == 2
+    with pytest.raises(StopRun, match=r"every eval prompt \(2\) is longer than 64 tokens.*sampling.max_model_len"):
+        run.fit_context(items[1:], "eval", reserve=64)
+
+
 # ---------------------------------------------------------------- 5. fuzzing the recipe loader
 
 VALID = yaml.safe_load((ROOT / RECIPE).read_text())

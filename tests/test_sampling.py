@@ -63,6 +63,13 @@ def test_vllm_engine_hot_swaps_adapters(tiny_model_dir, tmp_path):
     base = [o[0].token_ids for o in s.generate(CONVS, greedy)]
     out = s.generate(CONVS, GenParams(n=4, temperature=1.0, max_tokens=8))
     assert [len(o) for o in out] == [4, 4] and all(x.finish_reason in ("stop", "length") for o in out for x in o)
+    # a prompt longer than max_model_len gets empty samples instead of failing the batch it is in
+    ids = render_prompts(s.tokenizer, CONVS)
+    long_and_short = s.generate_ids([ids[0] * 40, ids[1]], greedy)
+    assert len(ids[0] * 40) > 256 and [(x.text, x.token_ids, x.finish_reason) for x in long_and_short[0]] == [
+        ("", [], "length")
+    ]
+    assert long_and_short[1][0].token_ids == base[1]
     a1 = _random_adapter(tiny_model_dir, str(tmp_path / "a1"), 1)
     a2 = _random_adapter(tiny_model_dir, str(tmp_path / "a2"), 2)
     s.set_adapter(a1)

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import require
 from tests.test_sampling import CONVS, _random_adapter
 from train.config import SamplingConfig
-from train.sampling import GenParams, HFSampler
+from train.sampling import GenParams, HFSampler, render_prompts
 
 
 def _free_port() -> int:
@@ -65,9 +65,13 @@ def test_server_engine_samples_and_hot_swaps_adapters(vllm_server, tiny_model_di
     url, proc, log = vllm_server
     s = ServerSampler(tiny_model_dir, SamplingConfig(engine="server", server_url=url, server_timeout_s=60), seed=0)
     assert s.base_model == tiny_model_dir
+    assert s.max_model_len == 256, "the server's own context length, read from /v1/models, bounds prompts"
 
     greedy = GenParams(n=1, temperature=0.0, max_tokens=8)
     base = [o[0].token_ids for o in s.generate(CONVS, greedy)]
+    ids = render_prompts(s.tokenizer, CONVS)
+    skipped, kept = s.generate_ids([ids[0] * 40, ids[1]], greedy)  # the server would reject the first with 400
+    assert [x.token_ids for x in skipped] == [[]] and kept[0].token_ids == base[1]
     out = s.generate(CONVS, GenParams(n=3, temperature=1.0, max_tokens=8))
     assert [len(o) for o in out] == [3, 3]
     assert all(x.token_ids and x.finish_reason in ("stop", "length") for o in out for x in o)

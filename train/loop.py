@@ -16,8 +16,9 @@ from typing import Any
 from train import distributed as dist
 from train.artifacts import read_json, write_json, write_jsonl
 from train.config import Recipe, recipe_to_dict
-from train.models import resolve_model
-from train.sampling import Sampler, get_sampler
+from train.data import Item, conversation
+from train.models import load_tokenizer, resolve_model
+from train.sampling import Sampler, get_sampler, render_prompts
 
 log = logging.getLogger("selfreward")
 
@@ -49,6 +50,7 @@ class Run:
         self._sampler: Sampler | None = None
         self.tracker = None
         self.report_to = "wandb" if recipe.logging.wandb and self.is_main else "none"
+        self.skipped_prompts: dict[str, int] = {}  # split -> prompts dropped for not fitting the context
 
     def iter_dir(self, k: int) -> Path:
         return self.out / f"iter_{k}"
@@ -80,6 +82,33 @@ class Run:
                     "or use sampling.engine=hf"
                 ) from e
         return self._sampler
+
+    def fit_context(self, items: list[Item], split: str, reserve: int) -> list[Item]:
+        """Drop prompts that leave fewer than `reserve` tokens of `sampling.max_model_len` for the model's
+        turns, count them in metrics.jsonl and list them in `skipped_<split>_prompts.jsonl`."""
+        r = self.recipe
+        if not items:
+            return items
+        limit = r.sampling.max_model_len - reserve
+        tokenizer = load_tokenizer(self.model_path, r.trust_remote_code)  # cheap; the engine may never start
+        lengths = [len(ids) for ids in render_prompts(tokenizer, [conversation(it, r.data) for it in items])]
+        kept = [it for it, n in zip(items, lengths) if n <= limit]
+        skipped = [{"id": it["id"], "prompt_tokens": n} for it, n in zip(items, lengths) if n > limit]
+        self.skipped_prompts[split] = len(skipped)
+        if skipped:
+            log.warning(
+                "skipped %d of %d %s prompts longer than %d tokens (sampling.max_model_len %d minus %d for the "
+                "answer); listed in %s", len(skipped), len(items), split, limit, r.sampling.max_model_len, reserve,
+                self.out / f"skipped_{split}_prompts.jsonl",
+            )  # fmt: skip
+            if self.is_main:
+                write_jsonl(self.out / f"skipped_{split}_prompts.jsonl", skipped)
+        if not kept:
+            raise StopRun(
+                f"every {split} prompt ({len(items)}) is longer than {limit} tokens, so none leaves room for an "
+                f"answer; raise sampling.max_model_len (now {r.sampling.max_model_len}) or use shorter prompts"
+            )
+        return kept
 
     def sampler_sleep(self) -> None:
         """Free the engine's GPU memory for the trainer (no-op on CPU or before first use)."""
@@ -158,6 +187,7 @@ class Run:
 
     def iteration_row(self, k: int) -> dict[str, Any]:
         row: dict[str, Any] = {"iteration": k}
+        row.update({f"data/skipped_{split}_prompts": n for split, n in self.skipped_prompts.items()})
         phases = self.iter_dir(k) / "phases"
         for path in sorted(phases.glob("*.json")) if phases.exists() else []:
             rec = read_json(path)

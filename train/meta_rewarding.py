@@ -219,6 +219,7 @@ def train_iteration(run: Run, k: int, use_judge_pairs: bool) -> dict[str, Any]:
 def run_meta_rewarding(run: Run) -> None:
     r, cfg = run.recipe, run.recipe.meta_rewarding
     items, _ = load_items(r.data, r.seed, r.max_prompts)
+    items = run.fit_context(items, "train", r.sampling.max_tokens)  # over-long judge prompts: see skip_overlong
     labelled = cfg.judge_eval_file
 
     def eval_phase(k: int) -> dict[str, Any]:

@@ -128,6 +128,26 @@ def _engine_death_watch(grace_s: float = 5.0):
             signal.signal(signal.SIGINT, previous)
 
 
+def skip_overlong(prompt_ids: list[list[int]], params: GenParams, limit: int, generate: Any) -> list[list[Sample]]:
+    """Run `generate` on the prompts that fit the context; the others get `n` empty "length" samples.
+
+    vLLM rejects a prompt longer than max_model_len by failing the whole batch; one over-long judge prompt
+    must cost one null score, not the run."""
+    fits = [i for i, ids in enumerate(prompt_ids) if len(ids) < limit]
+    if len(fits) == len(prompt_ids):
+        return generate(prompt_ids)
+    logging.getLogger("selfreward").warning(
+        "%d of %d prompts are longer than sampling.max_model_len=%d tokens; they get empty samples",
+        len(prompt_ids) - len(fits),
+        len(prompt_ids),
+        limit,
+    )
+    out = [[Sample("", [], "length") for _ in range(params.n)] for _ in prompt_ids]
+    for i, samples in zip(fits, generate([prompt_ids[i] for i in fits]) if fits else []):
+        out[i] = samples
+    return out
+
+
 class VLLMSampler:
     """vLLM engine with LoRA enabled; each new adapter is a new `LoRARequest` (no reload, no merge)."""
 
@@ -141,6 +161,7 @@ class VLLMSampler:
         from train.models import load_tokenizer
 
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+        self.max_model_len = cfg.max_model_len
         self._on_gpu = torch.cuda.is_available()
         rank = next(r for r in _VLLM_LORA_RANKS if r >= lora_rank)
         kwargs: dict[str, Any] = {}
@@ -189,11 +210,14 @@ class VLLMSampler:
 
     def generate_ids(self, prompt_ids: list[list[int]], params: GenParams, desc: str = "") -> list[list[Sample]]:
         """Continue exact token ids (multi-turn rollouts must not re-tokenize earlier turns)."""
+        if not prompt_ids:
+            return []
+        return skip_overlong(prompt_ids, params, self.max_model_len, lambda fit: self._generate(fit, params))
+
+    def _generate(self, prompt_ids: list[list[int]], params: GenParams) -> list[list[Sample]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if not prompt_ids:
-            return []
         self.wake()
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
         sp = SamplingParams(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from train.config import SamplingConfig
-from train.sampling import Conversation, GenParams, Sample, render_prompts
+from train.sampling import Conversation, GenParams, Sample, render_prompts, skip_overlong
 
 
 class ServerError(RuntimeError):
@@ -34,7 +34,10 @@ class ServerSampler:
         self.url = cfg.server_url.rstrip("/")
         self.timeout = cfg.server_timeout_s
         self.batch_size = cfg.batch_size
-        self.base_model = self._wait_for_server()
+        base = self._wait_for_server()
+        self.base_model: str = base["id"]
+        # The server's own context length decides what it rejects (vLLM lists it in /v1/models).
+        self.max_model_len: int = base.get("max_model_len") or cfg.max_model_len
         self._lora: str | None = None
         self._next_id = 1
         self.engine_start_s, self.generate_s = time.perf_counter() - start, 0.0
@@ -53,13 +56,13 @@ class ServerSampler:
             raise ServerError(f"vLLM server {self.url}{path} unreachable: {e}") from None
         return json.loads(raw) if raw.strip().startswith((b"{", b"[")) else raw.decode(errors="replace")
 
-    def _wait_for_server(self) -> str:
-        """The served base model's name; waits up to `server_timeout_s` for a server that is still loading."""
+    def _wait_for_server(self) -> dict[str, Any]:
+        """The served base model's card (`id`, `max_model_len`); waits up to `server_timeout_s` for a server that is still loading."""
         deadline = time.monotonic() + self.timeout
         while True:
             try:
                 models = self._request("GET", "/v1/models")["data"]
-                return next(m["id"] for m in models if not m.get("parent"))
+                return next(m for m in models if not m.get("parent"))
             except ServerError as e:
                 if time.monotonic() > deadline:
                     raise ServerError(f"{e} (waited {self.timeout:.0f}s; set sampling.server_url)") from None
@@ -81,6 +84,9 @@ class ServerSampler:
         return self.generate_ids(render_prompts(self.tokenizer, conversations), params, desc)
 
     def generate_ids(self, prompt_ids: list[list[int]], params: GenParams, desc: str = "") -> list[list[Sample]]:
+        return skip_overlong(prompt_ids, params, self.max_model_len, lambda fit: self._generate(fit, params))
+
+    def _generate(self, prompt_ids: list[list[int]], params: GenParams) -> list[list[Sample]]:
         out: list[list[Sample]] = []
         t0 = time.perf_counter()
         for i in range(0, len(prompt_ids), self.batch_size):

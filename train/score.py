@@ -114,6 +114,11 @@ def run_score(run: Run) -> None:
         if key in r.trainer:
             raise ConfigError(f"trainer.{key}: SCoRe sets it from {owner}")
     train_items, eval_items = load_items(r.data, r.seed, r.max_prompts)
+    # Room for both attempts plus the correction turn: English runs ~4 characters a token, so a third of its
+    # characters bounds its tokens, and 32 covers the chat markup.
+    turn = 32 + len(cfg.correction_instruction) // 3
+    train_items = run.fit_context(train_items, "train", 2 * r.sampling.max_tokens + turn)
+    eval_items = run.fit_context(eval_items, "eval", 2 * (r.eval.max_tokens or r.sampling.max_tokens) + turn)
     eval_on = r.eval.enabled and bool(eval_items)
 
     if eval_on:

@@ -145,6 +145,8 @@ def train_iteration(run: Run, k: int) -> dict[str, Any]:
 def run_scpo(run: Run) -> None:
     r = run.recipe
     train_items, eval_items = load_items(r.data, r.seed, r.max_prompts)
+    train_items = run.fit_context(train_items, "train", r.sampling.max_tokens)
+    eval_items = run.fit_context(eval_items, "eval", r.eval.max_tokens or r.sampling.max_tokens)
     eval_on = r.eval.enabled and bool(eval_items)
 
     def eval_phase(k: int) -> dict[str, Any]:
