@@ -81,8 +81,9 @@ def test_no_answer_never_chosen_or_rejected():
 
 
 def test_missing_answer_key_counts_as_no_answer():
-    p = build_pair([{"text": "a"}, {"text": "b", "answer": "1"}, {"text": "c", "answer": "2"}], k=3, threshold=0.0)
-    assert (p["chosen"], p["rejected"]) == ("b", "c")
+    rows = [{"text": "a"}, {"text": "b", "answer": "1"}, {"text": "c", "answer": "2"}, {"text": "d", "answer": "1"}]
+    p = build_pair(rows, k=4, threshold=0.0)
+    assert (p["chosen"], p["rejected"], p["chosen_votes"]) == ("b", "c", 2)
 
 
 def test_no_pair_when_all_equal_or_single_answer():
@@ -93,9 +94,16 @@ def test_no_pair_when_all_equal_or_single_answer():
     assert build_pair([], k=8, threshold=0.0) is None
 
 
-def test_majority_tie_chooses_first_seen_and_rejects_the_other():
-    p = build_pair(samples("8", "7", "7", "8"), k=4, threshold=0.5)
-    assert (p["chosen_answer"], p["rejected_answer"], p["weight"]) == ("8", "7", 0.0)
+def test_two_way_tie_gives_no_pair():
+    # 4-4 of 8 (seen in a real SmolLM2 run): nothing to prefer, and a weight-0 pair would train on nothing
+    assert build_pair(samples("8", "7", "7", "8"), k=4, threshold=0.5) is None
+    assert build_pair(samples("8", "7", "9", "7", "8", "9"), k=6, threshold=0.0) is None
+
+
+def test_majority_tie_chooses_first_seen_and_rejects_a_less_voted_answer():
+    p = build_pair(samples("8", "7", "7", "8", "9"), k=5, threshold=0.4)
+    assert (p["chosen_answer"], p["rejected_answer"], p["chosen_votes"], p["rejected_votes"]) == ("8", "9", 2, 1)
+    assert p["weight"] == pytest.approx(1 / 5)
 
 
 def test_rejected_tie_takes_first_least_voted():
@@ -110,7 +118,7 @@ def test_threshold_exactly_at_tau_k_passes():
     assert build_pair(samples("1", "1", "1", "1", "2", "3", "4", "5"), k=8, threshold=0.5)["chosen_votes"] == 4
     # 0.3 * 10 = 3.0000000000000004 in floats: three votes still pass
     assert build_pair(samples(*"1112345678"), k=10, threshold=0.3)["chosen_votes"] == 3
-    assert build_pair(samples("1", "1", "1", "1", "2", "2", "2", "2"), k=8, threshold=0.5) is not None
+    assert build_pair(samples("1", "1", "1", "1", "2", "2", "2", "3"), k=8, threshold=0.5) is not None
 
 
 def test_threshold_just_below_fails():
