@@ -81,7 +81,12 @@ class SamplingConfig(Section):
     temperature: float = Field(0.7, ge=0.0, description="Sampling temperature for training samples.")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling for training samples.")
     max_tokens: int = Field(256, ge=1, description="Maximum new tokens per sample.")
-    max_model_len: int = Field(1024, ge=64, description="vLLM context length (prompt + completion).")
+    max_model_len: int = Field(
+        1024,
+        ge=64,
+        description="vLLM context length (prompt + completion). Prompts that leave less than max_tokens (SCoRe: two "
+        "attempts) are skipped and counted in metrics.jsonl.",
+    )
     gpu_memory_utilization: float = Field(
         0.3,
         gt=0.0,
