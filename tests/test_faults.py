@@ -236,6 +236,48 @@ def test_sigterm_in_each_phase_exits_130_and_resume_completes(tiny_model_dir, tm
     assert [r["iteration"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [0, 1]
 
 
+@pytest.mark.slow
+def test_sigterm_in_judge_and_meta_judge_phases_resumes(smollm2_dir, tmp_path):
+    """The Meta-Rewarding phases that only the model-as-judge has: a stop in each keeps what came before.
+    SmolLM2 itself, not the random tiny model, whose forced verdicts are all equal and so give no pair to train on."""
+    out = tmp_path / "o"
+    overrides = [
+        f"model={smollm2_dir}",
+        f"output_dir={out}",
+        "sampling.engine=hf",
+        "max_prompts=3",
+        "iterations=1",
+        "sampling.max_tokens=8",
+        "meta_rewarding.num_responses=4",
+        "meta_rewarding.num_judgements=2",
+        "meta_rewarding.judge_max_tokens=16",
+        "eval.enabled=false",
+        "trainer.per_device_train_batch_size=2",
+        "trainer.gradient_accumulation_steps=1",
+    ]
+    it1 = out / "iter_1"
+    finished: dict[str, int] = {}
+    for line, artifact in (("iter 1: judge ...", "judgements.jsonl"), ("iter 1: meta_judge ...", "judge_pairs.jsonl")):
+        proc = Proc(overrides, recipe="recipes/meta_rewarding/smollm2-135m-cpu.yaml")
+        proc.wait_line(line)
+        proc.p.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        rc = proc.finish(timeout=60)
+        assert time.monotonic() - t0 < 60 and rc == 130, f"{line}: exit {rc}\n{proc.stderr[-3000:]}"
+        assert "selfreward: interrupted; rerun the same command to resume" in proc.stderr
+        assert not (it1 / artifact).exists(), f"the signal was meant to land in `{line}`"
+        now = final_files(out)
+        assert not {f for f, m in finished.items() if now.get(f) != m and f not in REWRITTEN_EACH_RUN}
+        finished = now
+        assert_no_torn_finals(out)
+    assert "iter_1/responses.jsonl" in finished and "iter_1/judgements.jsonl" in finished
+    last = run_to_end(overrides, recipe="recipes/meta_rewarding/smollm2-135m-cpu.yaml")
+    assert "iter 1: judge done (judgements.jsonl), skipping" in last.stderr and "iter 1: meta_judge took" in last.stderr
+    assert (it1 / "adapter" / "adapter_model.safetensors").exists()
+    now = final_files(out)
+    assert {f for f, m in finished.items() if now.get(f) != m} <= REWRITTEN_EACH_RUN
+
+
 # ---------------------------------------------------------------- 2. SIGKILL mid-run
 
 
