@@ -67,11 +67,12 @@ def build_pair(
     answer_type: str = "number",
     gold: str | None = None,
     semi_supervised: bool = False,
+    min_margin: int = 1,
 ) -> dict[str, Any] | None:
     """ScPO pair from k samples ({"text", "answer"}); None when there is none.
 
     Unsupervised: y+ is the first sample with the most-voted answer, y- the first sample with the least-voted
-    different answer (ties: the one seen first); kept only if V(y+) >= threshold * k and every other answer has fewer votes. Weight (V(y+) - V(y-)) / k.
+    different answer (ties: the one seen first); kept only if V(y+) >= threshold * k and V(y+) - V(y-) >= min_margin (1: no ties). Weight (V(y+) - V(y-)) / k.
 
     Semi-supervised with a gold answer: y+ has the gold answer (its most-voted spelling), y- the most-voted wrong
     answer (IRPO-style); no threshold, weight 1.0, since V(y+) - V(y-) can be negative here and would flip the loss.
@@ -94,7 +95,7 @@ def build_pair(
         if counts[chosen_key] + _EPS < threshold * k:
             return None
         rejected_key = min((key for key in counts if key != chosen_key), key=counts.__getitem__)
-        if counts[rejected_key] == counts[chosen_key]:  # e.g. 4-4 of 8: no majority to prefer, weight would be 0
+        if counts[chosen_key] - counts[rejected_key] < min_margin:  # a 4-4 tie of 8 has nothing to prefer
             return None
     chosen, rejected = _first_with(samples, chosen_key, answer_type), _first_with(samples, rejected_key, answer_type)
     return {

@@ -40,6 +40,7 @@ def tiny_scpo(model: str, out: Path, *extra: str) -> list[str]:
         "sampling.max_tokens=8",
         "sampling.batch_size=2",  # two generation chunks: a .partial file exists mid-phase
         "scpo.vote_threshold=[0.0]",
+        "scpo.min_vote_margin=0",  # the random model's answers all differ: 1-1 ties are its only pairs
         "data.answer_type=exact",
         "iterations=1",
         "data.num_eval=2",

@@ -100,6 +100,13 @@ def test_two_way_tie_gives_no_pair():
     assert build_pair(samples("8", "7", "9", "7", "8", "9"), k=6, threshold=0.0) is None
 
 
+def test_min_margin_zero_keeps_ties_and_two_needs_a_clear_lead():
+    p = build_pair(samples("8", "7"), k=2, threshold=0.0, min_margin=0)
+    assert (p["chosen_answer"], p["rejected_answer"], p["weight"]) == ("8", "7", 0.0)
+    assert build_pair(samples("8", "8", "7"), k=3, threshold=0.0, min_margin=2) is None
+    assert build_pair(samples("8", "8", "8", "7"), k=4, threshold=0.0, min_margin=2)["weight"] == 0.5
+
+
 def test_majority_tie_chooses_first_seen_and_rejects_a_less_voted_answer():
     p = build_pair(samples("8", "7", "7", "8", "9"), k=5, threshold=0.4)
     assert (p["chosen_answer"], p["rejected_answer"], p["chosen_votes"], p["rejected_votes"]) == ("8", "9", 2, 1)

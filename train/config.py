@@ -150,6 +150,12 @@ class ScpoConfig(Section):
     nll_alpha: float = Field(
         1.0, ge=0.0, description="α on the length-normalised NLL of the chosen response (paper: 1)."
     )
+    min_vote_margin: int = Field(
+        1,
+        ge=0,
+        description="A pair needs V(y+) − V(y−) ≥ this many votes. 1 drops ties such as 4–4 of 8 (weight 0); "
+        "0 keeps them, which trains on nothing and only exercises the pipeline.",
+    )
     semi_supervised: bool = Field(False, description="Where a gold answer exists, it decides chosen and rejected.")
     pairs_per_prompt: int = Field(1, ge=1, description="Pairs built per prompt (distinct samples).")
 

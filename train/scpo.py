@@ -117,7 +117,15 @@ def build_pairs(run: Run, k: int) -> dict[str, Any]:
             if gold is None:  # never let an unparseable label silently fall back to votes
                 unparseable_gold += 1
                 continue
-        pair = build_pair(samples, len(samples), tau, kind, gold=gold, semi_supervised=cfg.semi_supervised)
+        pair = build_pair(
+            samples,
+            len(samples),
+            tau,
+            kind,
+            gold=gold,
+            semi_supervised=cfg.semi_supervised,
+            min_margin=cfg.min_vote_margin,
+        )
         if pair is None:
             continue
         messages = conversation({"prompt": first["prompt"]}, r.data)
@@ -137,7 +145,7 @@ def train_iteration(run: Run, k: int) -> dict[str, Any]:
     if not pairs:
         raise StopRun(
             f"iteration {k} produced 0 preference pairs (vote threshold {vote_threshold_for(k, cfg.vote_threshold)}·k); "
-            "lower scpo.vote_threshold, raise scpo.num_samples or use more prompts"
+            "lower scpo.vote_threshold (or scpo.min_vote_margin), raise scpo.num_samples or use more prompts"
         )
     return run.train_dpo(k, pairs, cfg.beta, cfg.nll_alpha)
 
