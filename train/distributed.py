@@ -80,3 +80,14 @@ def broadcast(obj: T) -> T:
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([obj], from_process=0)[0]
+
+
+def describe(accelerator: Any) -> str:
+    """Which engine a trainer really runs on, for the log: e.g. "2 processes, DEEPSPEED ZeRO-3 on cpu". A config
+    that silently fell back (ACCELERATE_USE_CPU=true turns DeepSpeed off) shows here."""
+    plugin = accelerator.state.deepspeed_plugin
+    stage = f" ZeRO-{plugin.zero_stage}" if plugin is not None else ""
+    n = accelerator.num_processes
+    return (
+        f"{n} process{'es' if n > 1 else ''}, {accelerator.distributed_type.value}{stage} on {accelerator.device.type}"
+    )

@@ -7,6 +7,7 @@ ScPO (Prasad et al. 2024), per pair:  L = -w·log σ(β·Δ) - α·w·log πθ(y
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -22,11 +23,13 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import create_model_from_path
 
-from train.artifacts import commit_dir
+from train import distributed as dist
+from train.adapters import publish_adapter
 from train.models import lora_config
 from train.progress import progress_enabled
 
 WEIGHT = "weight"
+log = logging.getLogger("selfreward")
 
 
 class _WeightCollator:
@@ -224,20 +227,14 @@ def train_dpo(
     trainer = WeightedDPOTrainer(
         model=model, args=config, train_dataset=Dataset.from_list(_rows(pairs)), peft_config=peft_config
     )
+    if trainer.accelerator.is_main_process:
+        log.info("training on %s", dist.describe(trainer.accelerator))
     ckpt_dir = trainer.args.output_dir
     last = last_complete_checkpoint(ckpt_dir)
     result = trainer.train(resume_from_checkpoint=last)
 
-    # Collective: under ZeRO-3 this gathers the partitioned LoRA weights; otherwise a plain state_dict.
-    state = trainer.accelerator.get_state_dict(trainer.model)
-    if trainer.accelerator.is_main_process:  # under accelerate, rank 0 alone publishes the adapter
-        tmp, final = Path(output_dir) / "adapter.tmp", Path(output_dir) / "adapter"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        # Only the trained adapter: PEFT would also save TRL's "ref" copy in a subfolder.
-        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        unwrapped.save_pretrained(str(tmp), state_dict=state, selected_adapters=["default"], safe_serialization=True)
-        commit_dir(tmp, final)
+    publish_adapter(trainer, Path(output_dir) / "adapter")  # collective: gathers LoRA shards under ZeRO-3
+    if trainer.accelerator.is_main_process:
         # The published adapter makes the phase complete; its checkpoints only served mid-phase resume.
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()

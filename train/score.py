@@ -15,6 +15,9 @@ The reference is always the base model (adapter disabled); the instruction token
 Each eval reports acc_t1, acc_t2, Δ = acc_t2 − acc_t1 = Δ_i→c − Δ_c→i, edit rate, lengths and KL per attempt; each
 `train` phase the same on its training rollouts. Rerunning skips finished phases and resumes a stage from its last
 checkpoint (`trainer.save_steps`). The objective and its TRL plumbing live in train/score_trainer.py.
+
+Under `accelerate launch` every rank trains, and each step every rank rolls out its share of the prompts with its own
+engine and the one rollout adapter rank 0 publishes; rank 0 writes the rollout files and runs the evals.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from functools import partial
 from typing import Any
 
 from rewards.registry import make_reward
-from train import distributed as dist
 from train.artifacts import write_json, write_jsonl
 from train.config import ConfigError
 from train.data import Item, conversation, load_items
@@ -103,13 +105,6 @@ def train_stage(run: Run, stage: int, steps: int, items: list[Item]) -> dict[str
 
 def run_score(run: Run) -> None:
     r, cfg = run.recipe, run.recipe.score
-    if dist.world_size() > 1:
-        # The rollout adapter and per-step rollout files are not yet split per rank: one process only, rather
-        # than a DDP job whose other ranks wait forever for rank 0's trainer.
-        raise ConfigError(
-            f"algorithm score runs on one process for now (this launch has {dist.world_size()}); "
-            "start it with `python -m train run ...` or `accelerate launch --num_processes 1`"
-        )
     for key, owner in _OWNED.items():
         if key in r.trainer:
             raise ConfigError(f"trainer.{key}: SCoRe sets it from {owner}")
@@ -128,7 +123,8 @@ def run_score(run: Run) -> None:
         if steps == 0:
             continue
         d = run.iter_dir(stage)
-        run.phase(stage, "train", d / "adapter", partial(train_stage, run, stage, steps, train_items))
+        # Every rank trains (DDP/DeepSpeed) and rolls out its share of each step's prompts with its own engine.
+        run.phase(stage, "train", d / "adapter", partial(train_stage, run, stage, steps, train_items), all_ranks=True)
         if eval_on:
             run.phase(stage, "eval", d / "eval.json", partial(evaluate_attempts, run, stage, eval_items))
         run.write_metrics(stage)

@@ -22,21 +22,26 @@ Why GRPO, and where it is bent (decided after reading trl/trainer/grpo_trainer.p
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanstd, use_adapter
 
-from train.artifacts import commit_dir, write_jsonl
+from train import distributed as dist
+from train.adapters import gathered, publish_adapter
+from train.artifacts import write_jsonl
 from train.models import lora_config
 from train.progress import progress_enabled
 from train.sampling import GenParams, Sampler
 from train.score_rollout import ATTEMPT1, ATTEMPT2, correction_metrics, rollout_rows, two_attempt_rollouts
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dapo")
+log = logging.getLogger("selfreward")
 
 
 # ---- the objective, as pure tensor functions ------------------------------------------------------------------------
@@ -98,15 +103,11 @@ class TwoAttemptRollout:
         self.sampler, self.instruction, self.params, self.adapter_dir = sampler, instruction, params, adapter_dir
         self.last: list = []
 
-    def sync_adapter(self, trainer: GRPOTrainer) -> None:
-        tmp = self.adapter_dir.with_name(self.adapter_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(tmp), selected_adapters=["default"])
-        commit_dir(tmp, self.adapter_dir)
-        self.sampler.set_adapter(str(self.adapter_dir))
-
     def __call__(self, prompts: list, trainer: GRPOTrainer) -> dict[str, Any]:
-        self.sync_adapter(trainer)
+        # Every rank calls this in step: rank 0 writes the adapter once, each rank's engine loads it and rolls out
+        # the rank's own prompts (TRL's sampler shards them).
+        publish_adapter(trainer, self.adapter_dir)
+        self.sampler.set_adapter(str(self.adapter_dir))
         self.last = two_attempt_rollouts(
             self.sampler, prompts, self.instruction, self.params, desc=f"step {trainer.state.global_step + 1}"
         )
@@ -227,10 +228,12 @@ class ScoreGRPOTrainer(GRPOTrainer):
         step = self.state.global_step + 1
         for row, a, b in zip(rows, r1.tolist(), r2.tolist()):
             row.update({"step": step, "stage": self.stage, "reward1": _num(a), "reward2": _num(b)})
+        if self.accelerator.num_processes > 1:  # every rank's rollouts: one file, metrics over the whole batch
+            rows = gather_object(rows)
         m = correction_metrics(rows)
         for key in ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "edit_rate", "len_t1", "len_t2"):
             self._metrics["train"][f"score/{key}"].append(float(m[key]))
-        if self.rollout_dir is not None:
+        if self.rollout_dir is not None and self.accelerator.is_main_process:
             write_jsonl(self.rollout_dir / f"step_{step:05d}.jsonl", rows)
 
 
@@ -314,7 +317,8 @@ def build_trainer(
     )
     if init_adapter is not None:  # Stage II starts from Stage I's weights (not as its reference)
         weights = load_file(str(Path(init_adapter) / "adapter_model.safetensors"))
-        loaded = set_peft_model_state_dict(trainer.model, weights)
+        with gathered([p for p in trainer.model.parameters() if p.requires_grad], modifier_rank=0):  # ZeRO-3 shards
+            loaded = set_peft_model_state_dict(trainer.model, weights)
         if getattr(loaded, "unexpected_keys", None):
             raise RuntimeError(f"adapter {init_adapter} does not match the LoRA config: {loaded.unexpected_keys[:3]}")
     return trainer
@@ -322,18 +326,17 @@ def build_trainer(
 
 def train_stage(*, out_dir: Path, **kwargs: Any) -> dict[str, float]:
     """Run one stage (`build_trainer` arguments) and publish `out_dir/adapter`; resumes from its last checkpoint."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from train.dpo import last_complete_checkpoint
 
     trainer = build_trainer(out_dir=out_dir, **kwargs)
-    ckpt_dir = Path(trainer.args.output_dir)
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if trainer.accelerator.is_main_process:
+        log.info("training on %s", dist.describe(trainer.accelerator))
+    last = last_complete_checkpoint(trainer.args.output_dir)  # a kill mid-save leaves a torn one
     result = trainer.train(resume_from_checkpoint=last)
 
-    tmp, final = out_dir / "adapter.tmp", out_dir / "adapter"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(str(tmp), selected_adapters=["default"], safe_serialization=True)
-    commit_dir(tmp, final)
-    shutil.rmtree(out_dir / "rollout_adapter", ignore_errors=True)
+    publish_adapter(trainer, out_dir / "adapter")
+    if trainer.accelerator.is_main_process:
+        shutil.rmtree(out_dir / "rollout_adapter", ignore_errors=True)
     return stage_metrics(result, trainer.state.log_history)
 
 

@@ -1,0 +1,50 @@
+"""Publishing a trainer's LoRA adapter from any launch: one process, DDP, or DeepSpeed ZeRO-3.
+
+Under ZeRO-3 every parameter is sharded across ranks (a local tensor of numel 0), so a plain `save_pretrained`
+writes empty LoRA weights, and accelerate's `get_state_dict` gathers the whole model in 16 bit through the DeepSpeed
+engine. Only the adapter's few trainable tensors are needed, so only they are gathered.
+"""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.artifacts import commit_dir
+
+
+def gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = None):
+    """Whole tensors for `params` on every rank inside the block under ZeRO-3 (collective), re-sharded on exit;
+    with `modifier_rank`, that rank's in-place changes are kept. A no-op context otherwise."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def adapter_state(model: Any) -> dict[str, torch.Tensor]:
+    """The trainable (LoRA) weights, whole, on CPU. Collective under ZeRO-3: every rank must call it."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with gathered([p for _, p in named]):
+        return {n: p.detach().to("cpu", copy=True) for n, p in named}
+
+
+def publish_adapter(trainer: Any, dest: Path) -> None:
+    """Write the trainer's "default" adapter to `dest` atomically, once (rank 0). Every rank must call it; each
+    returns after `dest` is complete."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    state = adapter_state(model)
+    if trainer.accelerator.is_main_process:
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        # selected_adapters: DPO's frozen "ref" copy would otherwise be saved in a subfolder too.
+        model.save_pretrained(str(tmp), state_dict=state, selected_adapters=["default"], safe_serialization=True)
+        commit_dir(tmp, dest)
+    trainer.accelerator.wait_for_everyone()
