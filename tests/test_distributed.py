@@ -99,6 +99,7 @@ def test_map_sharded_keeps_order_across_ranks(tmp_path):
         "from train import distributed as dist\n"
         "out = dist.map_sharded(lambda xs: [(x, dist.rank()) for x in xs], list(range(7)))\n"
         "open(sys.argv[1] + f'/rank{dist.rank()}.json', 'w').write(json.dumps(out))\n"
+        "dist.shutdown()\n"  # as `selfreward run` does
     )
     env = os.environ | {"PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/cpu.yaml",
@@ -114,7 +115,8 @@ def test_map_sharded_keeps_order_across_ranks(tmp_path):
 @pytest.mark.integration
 def test_score_two_processes_roll_out_their_shards_and_publish_once(tmp_path, smollm2_dir):
     single, multi = tmp_path / "single", tmp_path / "multi"
-    _launch(single, 1, SCORE, SCORE_OVERRIDES)
+    alone = _launch(single, 1, SCORE, SCORE_OVERRIDES)
+    assert alone.stderr.count("training on 1 process on cpu") == 2
     res = _launch(multi, 2, SCORE, SCORE_OVERRIDES)
     # TRL's mid-stage checkpoints hold one RNG state per rank; everything else is written once.
     published = lambda out: {f for f in _files(out) if "/checkpoints/" not in f}  # noqa: E731

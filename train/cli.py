@@ -73,6 +73,9 @@ def cmd_run(recipe: Recipe) -> int:
         from train.sampling import close_sampler
 
         close_sampler()  # vLLM's own exit hook would wait ~5 s longer for its worker
+        from train import distributed as dist
+
+        dist.shutdown()
     _print_eval_table(run.out)
     print(f"\nartifacts: {run.out}")
     return 0

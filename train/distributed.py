@@ -82,12 +82,19 @@ def broadcast(obj: T) -> T:
     return broadcast_object_list([obj], from_process=0)[0]
 
 
+def shutdown() -> None:
+    """Leave the process group before exit (local, not collective). A gloo rank that exits with it still up was
+    seen to abort in C++ teardown ("terminate called without an active exception", SIGABRT)."""
+    if world_size() > 1 and _state.cache_info().currsize:
+        _state().destroy_process_group()
+
+
 def describe(accelerator: Any) -> str:
     """Which engine a trainer really runs on, for the log: e.g. "2 processes, DEEPSPEED ZeRO-3 on cpu". A config
     that silently fell back (ACCELERATE_USE_CPU=true turns DeepSpeed off) shows here."""
     plugin = accelerator.state.deepspeed_plugin
     stage = f" ZeRO-{plugin.zero_stage}" if plugin is not None else ""
-    n = accelerator.num_processes
-    return (
-        f"{n} process{'es' if n > 1 else ''}, {accelerator.distributed_type.value}{stage} on {accelerator.device.type}"
-    )
+    n, device = accelerator.num_processes, accelerator.device.type
+    if n == 1 and plugin is None:
+        return f"1 process on {device}"
+    return f"{n} process{'es' if n > 1 else ''}, {accelerator.distributed_type.value}{stage} on {device}"

@@ -164,7 +164,10 @@ def last_complete_checkpoint(ckpt_dir: str | Path) -> str | None:
             json.loads((Path(last) / "trainer_state.json").read_text())
             return last
         except (OSError, ValueError):
-            shutil.rmtree(last)
+            try:
+                shutil.rmtree(last)
+            except FileNotFoundError:  # another rank of the same launch removed it first
+                pass
     return None
 
 
