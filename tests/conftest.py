@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,16 @@ def require(module: str) -> None:
         if IN_CI:
             pytest.fail(f"{module} is required under CI=true but is not installed")
         pytest.skip(f"{module} not installed")
+
+
+def require_tool(exe: str, package: str) -> str:
+    """The path of a system tool; skip when it is missing, but fail under CI=true (`.ci/run` installs it)."""
+    path = shutil.which(exe)
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{exe} is required under CI=true (apt-get install {package})")
+        pytest.skip(f"{exe} not installed (apt-get install {package})")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require
+from tests.conftest import require, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 SCPO = "recipes/scpo/smollm2-135m-cpu.yaml"
@@ -152,6 +152,7 @@ def test_zero_stage_trains_and_publishes_whole_adapters(tmp_path, smollm2_dir, s
     # DeepSpeed on CPU: gloo plus a shared-memory comm op it JIT-builds with the system compiler. Two iterations:
     # the second starts from the first's adapter, which ZeRO-3 must load into sharded parameters.
     require("deepspeed")
+    require_tool("c++", "g++")  # torch's extension builder compiles DeepSpeed's comm op with it
     out = tmp_path / "run"
     config = _zero_config(stage, tmp_path / f"zero{stage}.yaml")
     res = _launch(out, 2, SCPO, [*OVERRIDES, "iterations=2"], config)

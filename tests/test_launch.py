@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import IN_CI, require
+from tests.conftest import require, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCEL = ROOT / "recipes" / "accelerate"
@@ -180,11 +179,7 @@ def test_accelerate_cpu_config_runs_two_gloo_ranks(tmp_path):
 
 @pytest.mark.parametrize("path", SHELL_SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shellcheck(path):
-    exe = shutil.which("shellcheck")
-    if exe is None:
-        if IN_CI:
-            pytest.fail("shellcheck is required under CI=true (apt-get install shellcheck)")
-        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    exe = require_tool("shellcheck", "shellcheck")
     res = subprocess.run([exe, "--severity=info", str(path)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert os.access(path, os.X_OK), f"{path} is not executable"
