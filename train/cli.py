@@ -76,8 +76,9 @@ def cmd_run(recipe: Recipe) -> int:
         from train import distributed as dist
 
         dist.shutdown()
-    _print_eval_table(run.out)
-    print(f"\nartifacts: {run.out}")
+    if run.is_main:
+        _print_eval_table(run.out)
+        print(f"\nartifacts: {run.out}")
     return 0
 
 
@@ -94,7 +95,7 @@ def cmd_eval(recipe: Recipe, data: str | None) -> int:
         path = data or recipe.meta_rewarding.judge_eval_file
         if not path:
             raise ConfigError("no labelled pairs: set meta_rewarding.judge_eval_file or pass --data FILE.jsonl")
-        measure = lambda run, adapter: judge_agreement(run.sampler, adapter, path, recipe)  # noqa: E731
+        measure = lambda run, adapter: judge_agreement(run.sharded_sampler, adapter, path, recipe)  # noqa: E731
     else:
         from train.data import load_items, read_prompt_file
 
@@ -103,15 +104,16 @@ def cmd_eval(recipe: Recipe, data: str | None) -> int:
         )
         if not items:
             raise ConfigError("no eval split: set data.eval_file or pass --data FILE.jsonl")
-        measure = lambda run, adapter: evaluate(run.sampler, adapter, items, recipe)  # noqa: E731
+        measure = lambda run, adapter: evaluate(run.sharded_sampler, adapter, items, recipe)  # noqa: E731
     run = Run(recipe)
     checkpoints: list[tuple[str, Any]] = [("base", None)]
     while run.adapter(len(checkpoints)) is not None:
         checkpoints.append((f"iter_{len(checkpoints)}", run.adapter(len(checkpoints))))
     rows = [{"checkpoint": name} | measure(run, adapter) for name, adapter in checkpoints]
-    write_jsonl(run.out / "eval.jsonl", rows)
-    print(_table(rows))
-    print(f"\nwrote {run.out / 'eval.jsonl'}")
+    if run.is_main:
+        write_jsonl(run.out / "eval.jsonl", rows)
+        print(_table(rows))
+        print(f"\nwrote {run.out / 'eval.jsonl'}")
     return 0
 
 
@@ -187,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
             print(write_report(args.output_dir))
             return 0
         recipe = load_recipe(args.recipe, args.overrides)
+        from train import distributed as dist
+        from train.config import check_launch
+
+        check_launch(recipe, dist.world_size())
+        dist.configure(recipe.distributed_timeout_s)  # before anything creates the process group
         if args.command == "run":
             return cmd_run(recipe)
         return cmd_eval(recipe, args.data)

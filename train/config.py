@@ -43,6 +43,11 @@ class DataConfig(Section):
     eval_file: str | None = Field(None, description="JSONL of held-out prompts (`prompt`, `answer`); source=jsonl.")
     hub_id: str | None = Field(None, description="Hub dataset id, e.g. `openai/gsm8k`; source=hub.")
     hub_subset: str | None = Field(None, description="Hub dataset config name, e.g. `main`.")
+    hub_filter: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keep only hub rows whose columns equal these values (`null` matches a missing value), e.g. "
+        "OASST1's first-turn user prompts: `{role: prompter, parent_id: null, lang: en}`.",
+    )
     train_split: str = Field("train", description="Hub split used for training prompts.")
     eval_split: str = Field("test", description="Hub split used for evaluation.")
     prompt_field: str = Field("prompt", description="Column holding the question.")
@@ -76,7 +81,20 @@ class SamplingConfig(Section):
         "http://127.0.0.1:8000", description="engine=server: the vLLM server's base URL (local by default)."
     )
     server_timeout_s: float = Field(
-        600.0, gt=0, description="engine=server: seconds to wait for the server to come up, and per request."
+        600.0, gt=0, description="engine=server: seconds to wait for the server to come up (startup only)."
+    )
+    server_request_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="engine=server: seconds one request may take (a completion call of `batch_size` prompts, or an "
+        "adapter load) before the run stops.",
+    )
+    server_api_key_env: str = Field(
+        "VLLM_API_KEY",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="engine=server: the environment variable holding the server's API key (`vllm serve "
+        "--api-key`); when it is set, requests carry `Authorization: Bearer <key>`. The key itself never goes in "
+        "a recipe.",
     )
     temperature: float = Field(0.7, ge=0.0, description="Sampling temperature for training samples.")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling for training samples.")
@@ -107,6 +125,12 @@ class SamplingConfig(Section):
     )
     batch_size: int = Field(64, ge=1, description="Prompts per generation call; artifacts are flushed per batch.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Engine dtype.")
+    max_num_batched_tokens: int | None = Field(
+        None,
+        ge=64,
+        description="vLLM's cap on tokens per scheduler step (prefill chunk); bounds activation memory next to the "
+        "trainer on a shared GPU. None = vLLM's default.",
+    )
 
 
 class LoraSection(Section):
@@ -214,6 +238,19 @@ class Recipe(Section):
     seed: int = Field(0, description="Seed for data synthesis, sampling engine and trainer.")
     max_prompts: int | None = Field(None, ge=1, description="Cap on training prompts (smoke runs).")
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own code.")
+    model_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="dtype of the base model's weights in the trainers (and the `hf` engine). `auto`: bfloat16 on a "
+        "GPU that supports it, else float32 (an 8B model is 16 GB per rank in bf16, 32 GB in fp32). LoRA weights "
+        "follow TRL's rule: fp32 (PEFT's autocast), except under ZeRO-3, where they take the base dtype.",
+    )
+    distributed_timeout_s: float = Field(
+        10800.0,
+        gt=0,
+        description="Timeout of every collective under `accelerate launch` (NCCL/gloo/DeepSpeed process group). "
+        "Ranks wait in a collective while one rank writes artifacts or saves a checkpoint; torch's 10-minute "
+        "default would kill a long phase. Also TRL's `ddp_timeout`.",
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="Prompt source.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampler settings.")
     lora: LoraSection = Field(default_factory=LoraSection, description="PEFT LoRA adapter.")
@@ -263,6 +300,19 @@ def check_trainer_keys(recipe: Recipe) -> None:
         if key not in fields:
             cls = trl_config_class(recipe.algorithm).__name__
             raise ConfigError(f"trainer.{key}: not a field of trl.{cls}")
+
+
+def check_launch(recipe: Recipe, world_size: int) -> None:
+    """Settings that depend on how the job was launched (`accelerate launch --num_processes N`)."""
+    tp = recipe.sampling.tensor_parallel_size
+    if tp > 1 and world_size > 1 and recipe.sampling.engine == "vllm":
+        # Under the external launcher a TP group's ranks must send identical prompts and seeds (TRL gathers them
+        # per group, `process_index // tp`); our ranks each sample their own shard with seed + rank.
+        raise ConfigError(
+            f"sampling.tensor_parallel_size={tp} with {world_size} training processes is not supported: each "
+            "process samples its own shard with an in-process engine. Use tensor_parallel_size=1 (one engine per "
+            "GPU), or sampling.engine=server with a tensor-parallel `vllm serve`"
+        )
 
 
 class _Loader(yaml.SafeLoader):

@@ -73,8 +73,16 @@ def _hub_split(cfg: DataConfig, split: str) -> list[Item]:
             raise ConfigError(f"data.prompt_field: `{field}` is not a column of {cfg.hub_id} ({ds.column_names})")
     return [
         {"id": f"{split}-{i}", "prompt": row[cfg.prompt_field], "answer": row.get(cfg.answer_field)}
-        for i, row in enumerate(ds)
+        for i, row in keep_matching(ds, cfg.hub_filter, ds.column_names)
     ]
+
+
+def keep_matching(rows: Any, hub_filter: dict[str, Any], columns: list[str]) -> list[tuple[int, dict[str, Any]]]:
+    """(index in the split, row) for the rows whose columns equal `hub_filter`; the index keeps ids stable."""
+    unknown = sorted(set(hub_filter) - set(columns))
+    if unknown:
+        raise ConfigError(f"data.hub_filter: `{unknown[0]}` is not a column ({columns})")
+    return [(i, row) for i, row in enumerate(rows) if all(row.get(k) == v for k, v in hub_filter.items())]
 
 
 def load_items(cfg: DataConfig, seed: int, max_prompts: int | None = None) -> tuple[list[Item], list[Item]]:

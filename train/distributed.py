@@ -13,20 +13,41 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 U = TypeVar("U")
+_TIMEOUT_S: float | None = None  # recipe `distributed_timeout_s`, set by `configure` before the group exists
 
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def configure(timeout_s: float) -> None:
+    """Set the collective timeout before the process group exists (the first `rank()` creates it).
+
+    The group is created here, before TRL's Accelerator, so TRL's `ddp_timeout` never reaches it: without this,
+    NCCL and DeepSpeed keep torch's 10-minute default, and ranks waiting while rank 0 works alone get killed."""
+    global _TIMEOUT_S
+    if _state.cache_info().currsize and timeout_s != _TIMEOUT_S:
+        raise RuntimeError("distributed.configure must run before the process group is created")
+    _TIMEOUT_S = timeout_s
+
+
 @cache
 def _state():
+    import datetime
+
     import torch
     from accelerate import PartialState
 
     # The same singleton TRL's Trainer joins later. Without cpu=True a CPU launch stays single-process
-    # (DistributedType.NO, every rank thinks it is rank 0).
-    return PartialState(cpu=not torch.cuda.is_available())
+    # (DistributedType.NO, every rank thinks it is rank 0). Extra kwargs reach init_process_group (or
+    # deepspeed.init_distributed), the one place the group's timeout can be set.
+    kwargs = {"timeout": datetime.timedelta(seconds=_TIMEOUT_S)} if _TIMEOUT_S else {}
+    return PartialState(cpu=not torch.cuda.is_available(), **kwargs)
+
+
+def timeout_s() -> float | None:
+    """The configured collective timeout (None = torch's default)."""
+    return _TIMEOUT_S
 
 
 def rank() -> int:
@@ -85,7 +106,10 @@ def broadcast(obj: T) -> T:
 def shutdown() -> None:
     """Leave the process group before exit (local, not collective). A gloo rank that exits with it still up was
     seen to abort in C++ teardown ("terminate called without an active exception", SIGABRT)."""
-    if world_size() > 1 and _state.cache_info().currsize:
+    import torch.distributed
+
+    # vLLM's external-launcher engine destroys the default group itself when it shuts down.
+    if world_size() > 1 and _state.cache_info().currsize and torch.distributed.is_initialized():
         _state().destroy_process_group()
 
 

@@ -19,13 +19,14 @@ from datasets import Dataset
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import set_seed
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import create_model_from_path
 
 from train import distributed as dist
 from train.adapters import publish_adapter
-from train.models import lora_config
+from train.models import describe_dtypes, distributed_defaults, lora_config, trainer_model_kwargs
 from train.progress import progress_enabled
 
 WEIGHT = "weight"
@@ -184,11 +185,12 @@ def train_dpo(
     seed: int = 0,
     trust_remote_code: bool = False,
     report_to: str | list[str] = "none",
+    model_dtype: str = "auto",
 ) -> dict[str, float]:
     """Train one DPO iteration (resuming from `output_dir/checkpoints`), publish `output_dir/adapter`; float metrics.
 
     The reference is the model at the start of the iteration: the base model, or `init_adapter`, which is also where
-    the trainable adapter starts.
+    the trainable adapter starts. Both iterations load the base the same way (`trainer_model_kwargs`).
     """
     if not pairs:
         raise ValueError("no pairs to train on")
@@ -205,7 +207,7 @@ def train_dpo(
             "bf16": cuda and torch.cuda.is_bf16_supported(),  # TRL defaults bf16=True, even on CPU
             "use_cpu": not cuda,
             "disable_tqdm": not progress_enabled(),  # TRL/transformers' step bar: terminal only, never under CI
-            "model_init_kwargs": {"use_safetensors": True},  # never unpickle weights
+            **distributed_defaults(),
             **trainer_overrides,
             "output_dir": str(Path(output_dir) / "checkpoints"),
             "report_to": report_to,
@@ -216,22 +218,30 @@ def train_dpo(
             "loss_weights": [1.0, nll_alpha] if nll_alpha else [1.0],
         }
     )
+    # After the config: it is what tells transformers whether ZeRO-3 is on. The recipe's own entries win.
+    config.model_init_kwargs = trainer_model_kwargs(model_dtype) | (config.model_init_kwargs or {})
     set_seed(seed)  # before the LoRA init, which TRL does before Trainer seeds
     peft_config = None
     if init_adapter is None:  # iteration 1: fresh LoRA; TRL's reference = adapters disabled = base model
         model: Any = model_path
         peft_config = lora_config(lora)
     else:  # continue the previous adapter (its own LoRA config); TRL copies it to a frozen "ref" adapter
-        init_kwargs = {"trust_remote_code": trust_remote_code, **(config.model_init_kwargs or {})}
+        init_kwargs = {"trust_remote_code": trust_remote_code, **config.model_init_kwargs}
         config.model_init_kwargs = None  # used here; TRL would warn that it ignores them
         model = PeftModel.from_pretrained(
-            create_model_from_path(model_path, **init_kwargs), init_adapter, is_trainable=True
+            create_model_from_path(model_path, **init_kwargs),
+            init_adapter,
+            is_trainable=True,
+            # TRL's rule for iteration 1 (`get_peft_model`): LoRA in the base dtype under ZeRO-3, whose coalesced
+            # all-gather needs one dtype, and in fp32 (PEFT's autocast) otherwise.
+            autocast_adapter_dtype=not is_deepspeed_zero3_enabled(),
         )
     trainer = WeightedDPOTrainer(
         model=model, args=config, train_dataset=Dataset.from_list(_rows(pairs)), peft_config=peft_config
     )
     if trainer.accelerator.is_main_process:
-        log.info("training on %s", dist.describe(trainer.accelerator))
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        log.info("training on %s (%s)", dist.describe(trainer.accelerator), describe_dtypes(unwrapped))
     ckpt_dir = trainer.args.output_dir
     last = last_complete_checkpoint(ckpt_dir)
     result = trainer.train(resume_from_checkpoint=last)

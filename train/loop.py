@@ -18,7 +18,7 @@ from train.artifacts import read_json, write_json, write_jsonl
 from train.config import Recipe, recipe_to_dict
 from train.data import Item, conversation
 from train.models import load_tokenizer, resolve_model
-from train.sampling import Sampler, get_sampler, render_prompts
+from train.sampling import Sampler, ShardedSampler, get_sampler, render_prompts
 
 log = logging.getLogger("selfreward")
 
@@ -51,6 +51,7 @@ class Run:
         self.tracker = None
         self.report_to = "wandb" if recipe.logging.wandb and self.is_main else "none"
         self.skipped_prompts: dict[str, int] = {}  # split -> prompts dropped for not fitting the context
+        self._rank0_phase: str | None = None  # the rank-0-only phase running now, if any
 
     def iter_dir(self, k: int) -> Path:
         return self.out / f"iter_{k}"
@@ -65,6 +66,13 @@ class Run:
         # Built on first use only: a fully resumed iteration never starts the engine.
         if self._sampler is None:
             r = self.recipe
+            if self._rank0_phase is not None and dist.world_size() > 1:
+                # Building a vLLM engine under the external launcher is collective: rank 0 alone would wait forever
+                # for ranks parked in the phase's closing barrier. Sampler phases run with all_ranks=True.
+                raise RuntimeError(
+                    f"phase `{self._rank0_phase}` runs on rank 0 only but needs the sampling engine, which every rank "
+                    "must build together; run it with all_ranks=True"
+                )
             try:
                 self._sampler = get_sampler(self.model_path, r.sampling, r.lora.r, r.seed, r.trust_remote_code)
             except (RuntimeError, ValueError, MemoryError) as e:
@@ -82,6 +90,11 @@ class Run:
                     "or use sampling.engine=hf"
                 ) from e
         return self._sampler
+
+    @property
+    def sharded_sampler(self) -> Sampler:
+        """The engine, sampling this rank's shard of every call (evaluation: all ranks share the work)."""
+        return ShardedSampler(self.sampler)
 
     def fit_context(self, items: list[Item], split: str, reserve: int) -> list[Item]:
         """Drop prompts that leave fewer than `reserve` tokens of `sampling.max_model_len` for the model's
@@ -136,19 +149,24 @@ class Run:
             seed=r.seed + k,
             trust_remote_code=r.trust_remote_code,
             report_to=self.report_to,
+            model_dtype=r.model_dtype,
         )
 
     def phase(
         self, k: int, name: str, artifact: Path, fn: Callable[[], dict[str, Any]], all_ranks: bool = False
     ) -> dict[str, Any]:
-        """Run `fn` unless `artifact` exists. Rank 0 alone runs it unless `all_ranks` (sharded
-        generation, distributed training); either way only rank 0 writes, and ranks meet after."""
+        """Run `fn` unless `artifact` exists. Rank 0 alone runs it unless `all_ranks` (sharded generation and
+        evaluation, distributed training: every phase that uses the engine); either way only rank 0 writes, and ranks
+        meet after."""
         metrics_path = self.iter_dir(k) / "phases" / f"{name}.json"
         if dist.broadcast(artifact.exists() if self.is_main else None):
-            log.info("iter %d: %s done (%s), skipping", k, name, artifact.name)
+            if self.is_main:
+                log.info("iter %d: %s done (%s), skipping", k, name, artifact.name)
             return read_json(metrics_path)["metrics"] if metrics_path.exists() else {}
-        log.info("iter %d: %s ...", k, name)
+        if self.is_main:
+            log.info("iter %d: %s ...", k, name)
         start = time.perf_counter()
+        self._rank0_phase = None if all_ranks else name
         try:
             metrics = fn() if (all_ranks or self.is_main) else {}
         except Exception as e:
@@ -165,6 +183,8 @@ class Run:
                     "resumes. If it ran out of memory, lower sampling.gpu_memory_utilization or sampling.batch_size"
                 ) from e
             raise
+        finally:
+            self._rank0_phase = None
         seconds = time.perf_counter() - start
         if self.is_main:
             # Written before the artifact is published: a published artifact always has its metrics.

@@ -223,12 +223,13 @@ def run_meta_rewarding(run: Run) -> None:
     labelled = cfg.judge_eval_file
 
     def eval_phase(k: int) -> dict[str, Any]:
-        metrics = judge_agreement(run.sampler, run.adapter(k), labelled, r)
-        write_json(run.iter_dir(k) / "eval.json", metrics)
+        metrics = judge_agreement(run.sharded_sampler, run.adapter(k), labelled, r)
+        if dist.is_main():
+            write_json(run.iter_dir(k) / "eval.json", metrics)
         return metrics
 
     if r.eval.enabled and labelled:
-        run.phase(0, "eval", run.iter_dir(0) / "eval.json", partial(eval_phase, 0))
+        run.phase(0, "eval", run.iter_dir(0) / "eval.json", partial(eval_phase, 0), all_ranks=True)
         run.write_metrics(0)
     for k in range(1, r.iterations + 1):
         d = run.iter_dir(k)
@@ -240,5 +241,5 @@ def run_meta_rewarding(run: Run) -> None:
             run.phase(k, "meta_judge", d / "judge_pairs.jsonl", partial(build_judge_pairs, run, k), all_ranks=True)
         run.phase(k, "train", d / "adapter", partial(train_iteration, run, k, use_judge), all_ranks=True)
         if r.eval.enabled and labelled:
-            run.phase(k, "eval", d / "eval.json", partial(eval_phase, k))
+            run.phase(k, "eval", d / "eval.json", partial(eval_phase, k), all_ranks=True)
         run.write_metrics(k)

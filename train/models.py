@@ -98,6 +98,56 @@ def load_causal_lm(model_path: str, trust_remote_code: bool = False, dtype: str 
     )
 
 
+def resolve_dtype(model_dtype: str, device_type: str) -> str:
+    """The recipe's `model_dtype` as a torch dtype name: `auto` is bfloat16 on a GPU that supports it, else float32."""
+    if model_dtype != "auto":
+        return model_dtype
+    import torch
+
+    return "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+
+
+def trainer_model_kwargs(model_dtype: str) -> dict[str, Any]:
+    """`from_pretrained` kwargs for a trainer's base model, in the launch the process is in. Call it after the TRL
+    config exists: that is what tells transformers whether ZeRO-3 is on.
+
+    TRL's `create_model_from_path` would otherwise load in float32 (its default) and, off CPU, with
+    `device_map="auto"`: ZeRO-3 refuses any device map, and under DDP each rank would spread its copy over every
+    visible GPU. Sharded launches (ZeRO-3, FSDP) place the weights themselves (None); otherwise the model goes
+    straight to this process's device."""
+    from accelerate import PartialState
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    state = PartialState()
+    # FSDP: the launcher's variable, as accelerate and transformers read it; PartialState learns FSDP only when the
+    # first trainer's AcceleratorState exists, after this model is loaded.
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    sharded = is_deepspeed_zero3_enabled() or fsdp
+    device_map = None if sharded or state.device.type == "cpu" else {"": str(state.device)}
+    return {
+        "dtype": resolve_dtype(model_dtype, state.device.type),
+        "device_map": device_map,
+        "use_safetensors": True,  # never unpickle weights
+    }
+
+
+def distributed_defaults() -> dict[str, Any]:
+    """TRL config defaults every trainer shares under `accelerate launch` (a recipe's `trainer:` entries win)."""
+    from train import distributed as dist
+
+    out: dict[str, Any] = {"ddp_find_unused_parameters": False}  # LoRA: every trainable tensor gets a gradient
+    if dist.timeout_s() is not None:
+        out["ddp_timeout"] = int(dist.timeout_s())  # the group already exists; keep TRL's view consistent with it
+    return out
+
+
+def describe_dtypes(model: Any) -> str:
+    """e.g. "base bfloat16, LoRA float32": what the trainer really holds, for the log."""
+    base = {str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if "lora_" not in n}
+    lora = {str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if "lora_" in n}
+    return f"base {'/'.join(sorted(base)) or '-'}, LoRA {'/'.join(sorted(lora)) or '-'}"
+
+
 def lora_config(lora: dict[str, Any]) -> Any:
     """The recipe's `lora` section as a PEFT LoraConfig for a causal LM (fresh adapters in every trainer)."""
     from peft import LoraConfig

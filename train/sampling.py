@@ -169,8 +169,12 @@ class VLLMSampler:
             kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
         if self._on_gpu and cfg.sleep_during_training:
             kwargs["enable_sleep_mode"] = True
-        if self._on_gpu and dist.world_size() > 1:
-            # One engine per accelerate rank on that rank's GPU, as TRL's colocate mode does.
+        if cfg.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+        if dist.world_size() > 1:
+            # One in-process engine per accelerate rank (on that rank's GPU), as TRL's colocate mode does. Building it
+            # is collective (vLLM joins the launcher's process group), so every rank must build it at the same time:
+            # `Run.sampler` refuses to start it inside a rank-0-only phase.
             kwargs["distributed_executor_backend"] = "external_launcher"
         with _engine_death_watch():
             self.llm = LLM(
@@ -194,6 +198,12 @@ class VLLMSampler:
         self._asleep = False
         # Timings for benchmarks (scripts/bench.py): engine construction, and seconds inside the engine's generate.
         self.engine_start_s, self.generate_s = time.perf_counter() - start, 0.0
+        if dist.world_size() > 1 and dist.is_main():
+            logging.getLogger("selfreward").info(
+                "vLLM engine ready on each of %d processes (external launcher), %.0fs",
+                dist.world_size(),
+                self.engine_start_s,
+            )
 
     def set_adapter(self, path: str | None) -> None:
         from vllm.lora.request import LoRARequest
@@ -251,8 +261,21 @@ class VLLMSampler:
 
     def wake(self) -> None:
         if self._asleep:
+            free_accelerator_memory()  # the finished trainer's tensors first, as TRL does ("required to avoid OOM")
             self.llm.wake_up()
             self._asleep = False
+
+
+def free_accelerator_memory() -> None:
+    """Collect unreachable trainers (their reference cycles keep model and optimizer alive) and return the cached
+    blocks to the device, so a waking engine finds the memory free."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class HFSampler:
@@ -336,6 +359,30 @@ class HFSampler:
         pass
 
 
+class ShardedSampler:
+    """A data-parallel view of a sampler: each call samples this rank's shard of the prompts, and every rank gets all
+    results in prompt order. Code written for one process (evaluation, the judge) runs sharded unchanged, as long
+    as every rank makes the same calls, which holds because every rank then sees the same gathered results."""
+
+    def __init__(self, inner: Sampler):
+        self.inner, self.tokenizer = inner, inner.tokenizer
+
+    def generate(self, conversations: list[Conversation], params: GenParams, desc: str = "") -> list[list[Sample]]:
+        return dist.map_sharded(lambda part: self.inner.generate(part, params, desc), conversations)
+
+    def generate_ids(self, prompt_ids: list[list[int]], params: GenParams, desc: str = "") -> list[list[Sample]]:
+        return dist.map_sharded(lambda part: self.inner.generate_ids(part, params, desc), prompt_ids)
+
+    def set_adapter(self, path: str | None) -> None:
+        self.inner.set_adapter(path)
+
+    def sleep(self) -> None:
+        self.inner.sleep()
+
+    def wake(self) -> None:
+        self.inner.wake()
+
+
 def _allow(ids: list[int] | None):
     return (lambda _batch, _prefix: ids) if ids else None
 
@@ -361,16 +408,9 @@ def get_sampler(
 ) -> Sampler:
     """Build the engine once per process and reuse it across phases and iterations."""
     global _ENGINE, _ENGINE_KEY
-    key = (
-        model_path,
-        cfg.engine,
-        cfg.server_url,
-        cfg.max_model_len,
-        cfg.gpu_memory_utilization,
-        cfg.kv_cache_gib,
-        lora_rank,
-        seed,
-    )
+    # Every engine setting is in the key: a later phase asking for another dtype or TP size gets a new engine.
+    key = (model_path, cfg.model_dump_json(exclude={"temperature", "top_p", "max_tokens"}), lora_rank, seed,
+           trust_remote_code)  # fmt: skip
     if _ENGINE is not None and _ENGINE_KEY == key:
         return _ENGINE
     if cfg.engine == "vllm":

@@ -17,7 +17,7 @@ Each eval reports acc_t1, acc_t2, Δ = acc_t2 − acc_t1 = Δ_i→c − Δ_c→i
 checkpoint (`trainer.save_steps`). The objective and its TRL plumbing live in train/score_trainer.py.
 
 Under `accelerate launch` every rank trains, and each step every rank rolls out its share of the prompts with its own
-engine and the one rollout adapter rank 0 publishes; rank 0 writes the rollout files and runs the evals.
+engine and the one rollout adapter rank 0 publishes; rank 0 writes the rollout files. Evaluations are sharded the same way (`Run.sharded_sampler`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from functools import partial
 from typing import Any
 
 from rewards.registry import make_reward
+from train import distributed as dist
 from train.artifacts import write_json, write_jsonl
 from train.config import ConfigError
 from train.data import Item, conversation, load_items
@@ -43,20 +44,23 @@ def evaluate_attempts(run: Run, k: int, items: list[Item]) -> dict[str, Any]:
     """Single-turn table metrics plus greedy two-attempt self-correction metrics for checkpoint k."""
     r = run.recipe
     adapter = run.adapter(k)
-    metrics = evaluate(run.sampler, adapter, items, r)  # also loads the adapter into the engine
+    sampler = run.sharded_sampler  # every rank evaluates its shard; all ranks see every result
+    metrics = evaluate(sampler, adapter, items, r)  # also loads the adapter into the engine
     greedy = GenParams(n=1, temperature=0.0, max_tokens=r.eval.max_tokens or r.sampling.max_tokens)
     convs = [conversation(it, r.data) for it in items]
-    rollouts = two_attempt_rollouts(run.sampler, convs, correction_instruction(r.score, r.data), greedy, "eval")
+    rollouts = two_attempt_rollouts(sampler, convs, correction_instruction(r.score, r.data), greedy, "eval")
     rows = rollout_rows(rollouts, items, r.data.answer_type)
-    write_jsonl(run.iter_dir(k) / "eval_rollouts.jsonl", rows)
     metrics |= correction_metrics(rows)
     if adapter is None:
         metrics |= {"kl_t1": 0.0, "kl_t2": 0.0}
     else:
         from train.score_trainer import rollout_kl
 
-        metrics |= rollout_kl(run.model_path, str(adapter), rows, r.trust_remote_code)
-    write_json(run.iter_dir(k) / "eval.json", metrics)
+        run.sampler_sleep()  # the KL forward passes need the engine's memory on a GPU
+        metrics |= rollout_kl(run.model_path, str(adapter), rows, r.trust_remote_code, model_dtype=r.model_dtype)
+    if dist.is_main():
+        write_jsonl(run.iter_dir(k) / "eval_rollouts.jsonl", rows)
+        write_json(run.iter_dir(k) / "eval.json", metrics)
     return metrics
 
 
@@ -99,6 +103,7 @@ def train_stage(run: Run, stage: int, steps: int, items: list[Item]) -> dict[str
         seed=r.seed + stage,
         trust_remote_code=r.trust_remote_code,
         report_to=run.report_to,
+        model_dtype=r.model_dtype,
     )
     return {"stage": stage} | metrics
 
@@ -117,7 +122,9 @@ def run_score(run: Run) -> None:
     eval_on = r.eval.enabled and bool(eval_items)
 
     if eval_on:
-        run.phase(0, "eval", run.iter_dir(0) / "eval.json", partial(evaluate_attempts, run, 0, eval_items))
+        run.phase(
+            0, "eval", run.iter_dir(0) / "eval.json", partial(evaluate_attempts, run, 0, eval_items), all_ranks=True
+        )
         run.write_metrics(0)
     for stage, steps in zip(STAGES, (cfg.stage1_steps, cfg.stage2_steps)):
         if steps == 0:
@@ -126,5 +133,7 @@ def run_score(run: Run) -> None:
         # Every rank trains (DDP/DeepSpeed) and rolls out its share of each step's prompts with its own engine.
         run.phase(stage, "train", d / "adapter", partial(train_stage, run, stage, steps, train_items), all_ranks=True)
         if eval_on:
-            run.phase(stage, "eval", d / "eval.json", partial(evaluate_attempts, run, stage, eval_items))
+            run.phase(
+                stage, "eval", d / "eval.json", partial(evaluate_attempts, run, stage, eval_items), all_ranks=True
+            )
         run.write_metrics(stage)

@@ -35,7 +35,7 @@ from trl.trainer.utils import nanstd, use_adapter
 from train import distributed as dist
 from train.adapters import gathered, publish_adapter
 from train.artifacts import write_jsonl
-from train.models import lora_config
+from train.models import describe_dtypes, distributed_defaults, lora_config, trainer_model_kwargs
 from train.progress import progress_enabled
 from train.sampling import GenParams, Sampler
 from train.score_rollout import ATTEMPT1, ATTEMPT2, correction_metrics, rollout_rows, two_attempt_rollouts
@@ -183,9 +183,11 @@ class ScoreGRPOTrainer(GRPOTrainer):
         out["advantages"] = token_advantages(turns, adv1, adv2)
         out["kl_coef"] = kl_coefficients(turns, self.stage, self.beta1, self.beta2)
         out["turns"] = turns
+        # Sleep before any forward pass of the trainer: the reference log-probs below need the memory the engine
+        # holds (no-op on CPU). The engine wakes at the next rollout, after `free_accelerator_memory`.
+        self.rollout_func.sampler.sleep()
         out["ref_logps"] = self._reference_logps(out)
         self._record_rollouts(inputs, r1[mine], r2[mine])
-        self.rollout_func.sampler.sleep()  # frees the engine's GPU memory for the update (no-op on CPU)
         return out
 
     @torch.no_grad()
@@ -265,6 +267,7 @@ def build_trainer(
     seed: int = 0,
     trust_remote_code: bool = False,
     report_to: str | list[str] = "none",
+    model_dtype: str = "auto",
 ) -> ScoreGRPOTrainer:
     """One stage's trainer on a fresh LoRA (so adapters-off = base model = the reference in both stages)."""
     from datasets import Dataset
@@ -282,8 +285,8 @@ def build_trainer(
             "gradient_checkpointing": False,
             "dataloader_num_workers": 0,
             "disable_tqdm": not progress_enabled(),  # the step bar: terminal only, never under CI
-            "model_init_kwargs": {"use_safetensors": True},  # never unpickle weights
             "bf16": cuda and torch.cuda.is_bf16_supported(),
+            **distributed_defaults(),
             "use_cpu": not cuda,
             "max_completion_length": 2 * gen.max_tokens,  # informational: the rollout decides lengths
             **trainer_overrides,
@@ -297,6 +300,8 @@ def build_trainer(
             "trust_remote_code": trust_remote_code,
         }
     )
+    # After the config, which tells transformers whether ZeRO-3 is on; the recipe's own entries win.
+    config.model_init_kwargs = trainer_model_kwargs(model_dtype) | (config.model_init_kwargs or {})
     per_step = config.generation_batch_size // config.num_generations  # prompts per optimizer step
     if rows and len(rows) < per_step:  # smoke runs (max_prompts): repeat prompts rather than yield no batch
         rows = rows * -(-per_step // len(rows))
@@ -330,7 +335,8 @@ def train_stage(*, out_dir: Path, **kwargs: Any) -> dict[str, float]:
 
     trainer = build_trainer(out_dir=out_dir, **kwargs)
     if trainer.accelerator.is_main_process:
-        log.info("training on %s", dist.describe(trainer.accelerator))
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        log.info("training on %s (%s)", dist.describe(trainer.accelerator), describe_dtypes(unwrapped))
     last = last_complete_checkpoint(trainer.args.output_dir)  # a kill mid-save leaves a torn one
     result = trainer.train(resume_from_checkpoint=last)
 
@@ -357,18 +363,36 @@ def stage_metrics(train_output: Any, log_history: list[dict[str, Any]]) -> dict[
 # ---- evaluation: KL per attempt on held-out rollouts ----------------------------------------------------------------
 
 
-@torch.no_grad()
 def rollout_kl(
-    model_path: str, adapter: str, rows: list[dict[str, Any]], trust_remote_code: bool = False, batch_size: int = 8
+    model_path: str,
+    adapter: str,
+    rows: list[dict[str, Any]],
+    trust_remote_code: bool = False,
+    batch_size: int = 8,
+    model_dtype: str = "auto",
 ) -> dict[str, float]:
-    """Mean per-token KL(π_adapter || π_base) (k3 estimator, T=1) on attempt-1 and attempt-2 tokens of `rows`."""
+    """Mean per-token KL(π_adapter || π_base) (k3 estimator, T=1) on attempt-1 and attempt-2 tokens of `rows`.
+    Under `accelerate launch` each rank scores its shard of the rows on its own device (collective)."""
+    mine = _kl_sums(model_path, adapter, dist.shard(rows), trust_remote_code, batch_size, model_dtype)
+    parts = dist.gather_rows([mine])  # one (sums, counts) per rank
+    sums = {turn: sum(p[0][turn] for p in parts if p) for turn in (ATTEMPT1, ATTEMPT2)}
+    counts = {turn: sum(p[1][turn] for p in parts if p) for turn in (ATTEMPT1, ATTEMPT2)}
+    return {f"kl_t{turn}": sums[turn] / max(counts[turn], 1) for turn in (ATTEMPT1, ATTEMPT2)}
+
+
+@torch.no_grad()
+def _kl_sums(model_path: str, adapter: str, rows: list[dict[str, Any]], trust_remote_code: bool, batch_size: int,
+             model_dtype: str) -> tuple[dict[int, float], dict[int, int]] | None:  # fmt: skip
+    """Summed KL and token counts per attempt over `rows`; None for an empty shard (no model is loaded)."""
+    if not rows:
+        return None
     from peft import PeftModel
 
-    from train.models import load_causal_lm
+    from train.models import load_causal_lm, resolve_dtype
 
-    model = PeftModel.from_pretrained(load_causal_lm(model_path, trust_remote_code), adapter).eval()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
+    device = f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu"
+    base = load_causal_lm(model_path, trust_remote_code, resolve_dtype(model_dtype, device.split(":")[0]))
+    model = PeftModel.from_pretrained(base, adapter).eval().to(device)
     sums, counts = {ATTEMPT1: 0.0, ATTEMPT2: 0.0}, {ATTEMPT1: 0, ATTEMPT2: 0}
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
@@ -387,7 +411,7 @@ def rollout_kl(
         for turn in (ATTEMPT1, ATTEMPT2):
             sums[turn] += kl[t == turn].sum().item()
             counts[turn] += int((t == turn).sum())
-    return {f"kl_t{turn}": sums[turn] / max(counts[turn], 1) for turn in (ATTEMPT1, ATTEMPT2)}
+    return sums, counts
 
 
 def _token_logps(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

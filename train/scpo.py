@@ -158,12 +158,13 @@ def run_scpo(run: Run) -> None:
     eval_on = r.eval.enabled and bool(eval_items)
 
     def eval_phase(k: int) -> dict[str, Any]:
-        metrics = evaluate(run.sampler, run.adapter(k), eval_items, r)
-        write_json(run.iter_dir(k) / "eval.json", metrics)
+        metrics = evaluate(run.sharded_sampler, run.adapter(k), eval_items, r)
+        if dist.is_main():
+            write_json(run.iter_dir(k) / "eval.json", metrics)
         return metrics
 
     if eval_on:
-        run.phase(0, "eval", run.iter_dir(0) / "eval.json", partial(eval_phase, 0))
+        run.phase(0, "eval", run.iter_dir(0) / "eval.json", partial(eval_phase, 0), all_ranks=True)
         run.write_metrics(0)
     for k in range(1, r.iterations + 1):
         d = run.iter_dir(k)
@@ -172,5 +173,5 @@ def run_scpo(run: Run) -> None:
         run.phase(k, "pairs", d / "pairs.jsonl", partial(build_pairs, run, k))
         run.phase(k, "train", d / "adapter", partial(train_iteration, run, k), all_ranks=True)
         if eval_on:
-            run.phase(k, "eval", d / "eval.json", partial(eval_phase, k))
+            run.phase(k, "eval", d / "eval.json", partial(eval_phase, k), all_ranks=True)
         run.write_metrics(k)
