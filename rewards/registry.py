@@ -1,7 +1,7 @@
 """Reward names a recipe can use (`score.reward`), each mapped to a factory that returns a TRL-style reward.
 
 A reward is `f(prompts, completions, **kwargs) -> list[float | None]` (TRL's signature; None = unscorable).
-Factories take keyword context (`answer_type`, `sampler`, ...) and ignore what they do not need.
+Factories take keyword context (`answer_type`, `generate`, ...) and ignore what they do not need.
 Anything else is a dotted import path, `pkg.module:name` or `pkg.module.name`: an attribute whose name starts with
 `get_` is a factory and is called with the same context; any other callable is used as the reward itself.
 """
@@ -32,7 +32,7 @@ def _import(path: str) -> tuple[str, Any]:
 
 
 def make_reward(name: str, **context: Any) -> Reward:
-    """Build the reward named in a recipe; `context` goes to the factory (e.g. answer_type=..., sampler=...)."""
+    """Build the reward named in a recipe; `context` goes to the factory (e.g. answer_type=..., generate=...)."""
     if name in REWARDS:
         return REWARDS[name](**context)
     attr_name, obj = _import(name)

@@ -10,7 +10,7 @@ Where a gold answer exists it logs agreement with `reward: verifier` (TRL's `log
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rewards.verifier import Reward, completion_text, get_verifier_reward, prompt_text
@@ -31,8 +31,11 @@ def parse_verdict(text: str) -> float | None:
     return 1.0 if found[-1].lower() == "correct" else 0.0
 
 
+Generate = Callable[..., list[list[str]]]  # (conversations, *, n, temperature, max_tokens) -> texts per prompt
+
+
 def get_self_verify_reward(
-    sampler: Any,
+    generate: Generate | None = None,
     *,
     answer_type: str = "number",
     num_samples: int = 1,
@@ -40,22 +43,20 @@ def get_self_verify_reward(
     max_tokens: int = 256,
     **_: Any,
 ) -> Reward:
-    from train.sampling import GenParams  # the engine interface; never vLLM itself
-
-    if sampler is None:
-        raise ValueError("reward `self_verify` needs the sampler (get_self_verify_reward(sampler, ...))")
+    """`generate` samples from the current policy (the caller wraps its engine): this package never imports one."""
+    if generate is None:
+        raise ValueError("reward `self_verify` needs a `generate` callable (the policy's sampler)")
     verifier = get_verifier_reward(answer_type)
-    params = GenParams(n=num_samples, temperature=temperature, max_tokens=max_tokens)
 
     def self_verify(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
         convs = [
             [{"role": "user", "content": VERIFY_PROMPT.format(question=prompt_text(p), solution=completion_text(c))}]
             for p, c in zip(prompts, completions)
         ]
-        outs = sampler.generate(convs, params, desc="self-verify")
+        outs = generate(convs, n=num_samples, temperature=temperature, max_tokens=max_tokens)
         rewards: list[float | None] = []
-        for samples in outs:
-            votes = [v for v in (parse_verdict(s.text) for s in samples) if v is not None]
+        for texts in outs:
+            votes = [v for v in (parse_verdict(t) for t in texts) if v is not None]
             rewards.append(sum(votes) / len(votes) if votes else None)
         stats = self_verify.stats
         stats["judged"] += len(rewards)

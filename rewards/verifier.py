@@ -52,7 +52,7 @@ def verifier_reward(
 
 
 def get_verifier_reward(answer_type: str = "number", **_: Any) -> Reward:
-    """Factory used by the registry; extra context (e.g. `sampler`) is ignored."""
+    """Factory used by the registry; extra context (e.g. `generate`) is ignored."""
 
     def verifier(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
         return verifier_reward(prompts, completions, answer_type=answer_type, **kwargs)

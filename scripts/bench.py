@@ -53,23 +53,12 @@ def _load_average() -> list[float] | None:
 def scpo_child(result_json: str, argv: list[str]) -> int:
     """Runs inside the child: `selfreward run ...`, then records where the time went."""
     t_main = time.time()
-    from train import sampling
+    from train import engine
     from train.cli import main
 
-    timings: dict[str, Any] = {}
-    close = sampling.close_sampler
-
-    def record_then_close() -> None:  # `selfreward run` closes the engine at its end: read its timings first
-        timings["engine_start_s"] = getattr(sampling._ENGINE, "engine_start_s", None)
-        timings["engine_generate_s"] = getattr(sampling._ENGINE, "generate_s", None)
-        t = time.time()
-        close()
-        timings["engine_close_s"] = time.time() - t
-
-    sampling.close_sampler = record_then_close
     rc = main(["run", *argv])
     t_end = time.time()
-    record = {"rc": rc, "t_enter": T_ENTER, "t_main": t_main, "t_end": t_end} | timings
+    record = {"rc": rc, "t_enter": T_ENTER, "t_main": t_main, "t_end": t_end} | engine.engine_stats()
     Path(result_json).write_text(json.dumps(record))
     return rc
 
@@ -168,8 +157,8 @@ def bench_engines(tmp: Path, res: dict[str, Any]) -> None:
 
     from train.config import DataConfig, SamplingConfig
     from train.data import arithmetic_splits, conversation
+    from train.engine import GenParams, HFSampler, VLLMSampler, render_prompts
     from train.models import load_causal_lm, resolve_model
-    from train.sampling import GenParams, HFSampler, VLLMSampler, render_prompts
 
     model_path = resolve_model(MODEL)
     cfg = SamplingConfig(kv_cache_gib=KV_GIB, max_model_len=512, batch_size=64)
@@ -264,8 +253,8 @@ def lora_child(result_json: str) -> int:
     """Inside a child started with SELFREWARD_CPU_LORA_FASTPATH=0: tokens/s with an adapter live."""
     from train.config import DataConfig, SamplingConfig
     from train.data import arithmetic_splits, conversation
+    from train.engine import GenParams, VLLMSampler, render_prompts
     from train.models import load_causal_lm, resolve_model
-    from train.sampling import GenParams, VLLMSampler, render_prompts
 
     model_path = resolve_model(MODEL)
     data = DataConfig(instruction="Answer with just the number.")
@@ -381,12 +370,12 @@ def main() -> int:
     results["goals"] = verdicts(results)
     results["method"] = {
         "throughput": f"{NUM_PROMPTS} arithmetic prompts x {NUM_SAMPLES} samples, max_tokens {MAX_TOKENS}, "
-        f"T={TEMPERATURE}, float32, the same token ids to both train.sampling engines (VLLMSampler with LoRA enabled, "
+        f"T={TEMPERATURE}, float32, the same token ids to both train.engine engines (VLLMSampler with LoRA enabled, "
         "no adapter; HFSampler batch 64, torch's default threads); tokens = sum of len(Sample.token_ids); one warm-up "
         f"call, then {REPEATS} timed run(s) per engine (best kept). hf_matched_threads: HFSampler with torch threads "
         "set to the vLLM worker's OMP threads. *_lora_tokens_per_s: with a random r=16 all-linear adapter live (HF: "
         "PEFT unmerged, with the matched thread count). vllm_lora_tokens_per_s_vllm_ops: the same in a child process "
-        "with SELFREWARD_CPU_LORA_FASTPATH=0 (vLLM's own CPU LoRA ops instead of train/vllm_cpu_lora.py). "
+        "with SELFREWARD_CPU_LORA_FASTPATH=0 (vLLM's own CPU LoRA ops instead of train/engine/vllm_cpu_lora.py). "
         "vLLM KV cache: VLLM_CPU_KVCACHE_SPACE GiB per engine.",
         "adapter_swap_s": "median of 3: a fresh random r=16 all-linear PEFT adapter saved as safetensors, then "
         "VLLMSampler.set_adapter(path) + a 1-token greedy generate (vLLM loads the adapter on that request)",

@@ -72,12 +72,12 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> str:
-    """A one-node SLURM cluster on this machine (scripts/slurm/local_cluster.sh, as root; idempotent, left
+    """A one-node SLURM cluster on this machine (tests/launch/local_cluster.sh, as root; idempotent, left
     running). Yields the node name. Skips when it cannot be started, but fails under CI=true."""
     import socket
     import subprocess
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "slurm" / "local_cluster.sh"
+    script = Path(__file__).resolve().parent / "launch" / "local_cluster.sh"
     why = ""
     if os.geteuid() != 0:
         why = "local_cluster.sh needs root"

@@ -13,34 +13,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from train.config import ConfigError, Recipe, load_recipe
+from train.config import ALGORITHMS, ConfigError, Recipe, load_recipe
 
 EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def _algorithm(name: str):
-    if name == "scpo":
-        from train.scpo import run_scpo
+    """The algorithm's entry point, from the one table in train/config/schema.py."""
+    import importlib
 
-        return run_scpo
-    if name in ("meta_rewarding", "self_rewarding"):
-        from train.meta_rewarding import run_meta_rewarding
-
-        return run_meta_rewarding
-    from train.score import run_score
-
-    return run_score
+    module, _, function = ALGORITHMS[name].entry.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    from train.evaluate import format_table
-    from train.judge_eval import format_judge_table
+    from train.evaluate import format_judge_table, format_table
 
     return format_judge_table(rows) if "judge_agreement" in rows[0] else format_table(rows)
 
 
 def _print_eval_table(out: Path) -> None:
-    from train.artifacts import read_json
+    from train.runtime.artifacts import read_json
 
     rows = []
     for k in range(0, 1000):
@@ -55,11 +48,12 @@ def _print_eval_table(out: Path) -> None:
 
 
 def cmd_run(recipe: Recipe) -> int:
-    from train.loop import Run, StopRun
+    from train.errors import StopRun
+    from train.loop import Run
 
     run = Run(recipe)
     if recipe.logging.wandb:
-        from train.tracking import Tracker
+        from train.runtime.tracking import Tracker
 
         run.tracker = Tracker(recipe)
     try:
@@ -70,10 +64,10 @@ def cmd_run(recipe: Recipe) -> int:
     finally:
         if run.tracker is not None:
             run.tracker.finish()
-        from train.sampling import close_sampler
+        from train.engine import close_sampler
 
         close_sampler()  # vLLM's own exit hook would wait ~5 s longer for its worker
-        from train import distributed as dist
+        from train.runtime import distributed as dist
 
         dist.shutdown()
     if run.is_main:
@@ -84,13 +78,13 @@ def cmd_run(recipe: Recipe) -> int:
 
 def cmd_eval(recipe: Recipe, data: str | None) -> int:
     """Evaluate the base model and every saved iteration adapter; rewrite output_dir/eval.jsonl."""
-    from train.artifacts import write_jsonl
     from train.evaluate import evaluate
     from train.loop import Run
+    from train.runtime.artifacts import write_jsonl
 
     judge = recipe.algorithm in ("meta_rewarding", "self_rewarding")
     if judge:
-        from train.judge_eval import judge_agreement
+        from train.evaluate import judge_agreement
 
         path = data or recipe.meta_rewarding.judge_eval_file
         if not path:
@@ -118,7 +112,7 @@ def cmd_eval(recipe: Recipe, data: str | None) -> int:
 
 
 def cmd_docs(out: str | None) -> int:
-    from train.reference import render_reference
+    from train.config.reference import render_reference
 
     text = render_reference()
     if out:
@@ -161,7 +155,7 @@ def _raise_interrupt(signum, frame):  # SIGTERM from SLURM/preemption takes the 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from train.progress import progress_enabled
+    from train.runtime.progress import progress_enabled
 
     if not progress_enabled():  # no download / weight-loading bars under CI or without a terminal
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by transformers at import
@@ -189,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             print(write_report(args.output_dir))
             return 0
         recipe = load_recipe(args.recipe, args.overrides)
-        from train import distributed as dist
         from train.config import check_launch
+        from train.runtime import distributed as dist
 
         check_launch(recipe, dist.world_size())
         dist.configure(recipe.distributed_timeout_s)  # before anything creates the process group
@@ -216,7 +210,7 @@ def entry() -> None:
     code = main()
     if code == EXIT_INTERRUPTED:
         # Cleanup (tracker, engine) already ran. After main() had caught the interrupt, the interpreter was seen to
-        # end by SIGINT (status -2, not 130) in tests/test_faults.py, apparently CPython's "unhandled
+        # end by SIGINT (status -2, not 130) in tests/algorithms/test_faults.py, apparently CPython's "unhandled
         # KeyboardInterrupt" exit path; skip interpreter teardown so the documented status is what the caller sees.
         sys.stdout.flush()
         sys.stderr.flush()

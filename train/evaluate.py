@@ -1,15 +1,30 @@
-"""Held-out accuracy: greedy, sampled, majority-vote, and vote consistency, through the sampler."""
+"""Held-out evaluation of one checkpoint, through the sampler.
+
+Answers: greedy, sampled and majority-vote accuracy, and vote consistency (`evaluate`).
+
+Judge quality (`judge_agreement`): Judge quality: agreement with human labels, and self-preference bias, for one checkpoint.
+
+Labelled rows: {"prompt", "response_a", "response_b", "preferred": "a" | "b"}.
+- agreement: the judge's mean score picks the labelled winner (a tie earns half credit).
+- self_preference: how much more often the judge scores the model's own greedy answer above the
+  labelled-preferred reference than below it, in [-1, 1]. The own answer is unlabelled, so a positive
+  value is the bias plus any real quality edge: compare it across iterations rather than to zero.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
 from rewards.answers import answers_equal, extract_answer, parse_gold
+from rewards.judge import judge_prompt
 from rewards.votes import consistency, majority_answer
-from train.config import Recipe
+from train.algorithms.self_judge import judge
+from train.config import ConfigError, Recipe
 from train.data import Item, conversation
-from train.sampling import GenParams, Sampler
+from train.engine import GenParams, Sampler
 
 EVAL_KEYS = ("accuracy", "sample_accuracy", "majority_accuracy", "consistency")
 
@@ -58,5 +73,81 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['checkpoint']:<12}{r['accuracy']:>9.3f}{r['sample_accuracy']:>9.3f}"
             f"{r['majority_accuracy']:>9.3f}{r['consistency']:>10.3f}{r['n']:>6}"
+        )
+    return "\n".join(lines)
+
+
+# ---- judge quality ---------------------------------------------------------------------------------------------------
+
+
+def read_labelled_pairs(path: str) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"judge eval file not found: {path}")
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        for field in ("prompt", "response_a", "response_b", "preferred"):
+            if field not in row:
+                raise ConfigError(f"{path}:{n}: missing field `{field}`")
+        if row["preferred"] not in ("a", "b"):
+            raise ConfigError(f"{path}:{n}: `preferred` must be a or b")
+        rows.append(row)
+    return rows
+
+
+def _mean_scores(sampler: Sampler, pairs: list[tuple[str, str]], recipe: Recipe) -> list[float | None]:
+    cfg = recipe.meta_rewarding
+    params = GenParams(n=cfg.judge_eval_samples, temperature=cfg.judge_temperature, max_tokens=cfg.judge_max_tokens)
+    convs = [[{"role": "user", "content": judge_prompt(p, r)}] for p, r in pairs]
+    _, scores, _ = judge(sampler, convs, params, cfg.force_verdict, desc="judge eval")
+    return [mean(valid) if (valid := [s for s in row if s is not None]) else None for row in scores]
+
+
+def judge_agreement(sampler: Sampler, adapter: Path | None, path: str, recipe: Recipe) -> dict[str, Any]:
+    rows = read_labelled_pairs(path)
+    sampler.set_adapter(str(adapter) if adapter else None)
+    own = sampler.generate(
+        [conversation(r, recipe.data) for r in rows],
+        GenParams(n=1, temperature=0.0, max_tokens=recipe.sampling.max_tokens),
+        desc="own answers",
+    )
+    refs = [r[f"response_{r['preferred']}"] for r in rows]
+    queries = [(r["prompt"], r["response_a"]) for r in rows] + [(r["prompt"], r["response_b"]) for r in rows]
+    queries += [(r["prompt"], o[0].text) for r, o in zip(rows, own)]
+    scores = _mean_scores(sampler, queries, recipe)
+    n = len(rows)
+    sa, sb, s_own = scores[:n], scores[n : 2 * n], scores[2 * n :]
+    credit, pref = [], []
+    for row, a, b, mine in zip(rows, sa, sb, s_own):
+        if a is None or b is None:
+            credit.append(0.0)
+        else:
+            winner = "tie" if a == b else ("a" if a > b else "b")
+            credit.append(0.5 if winner == "tie" else float(winner == row["preferred"]))
+        ref = a if row["preferred"] == "a" else b
+        if mine is not None and ref is not None:
+            pref.append((mine > ref) - (mine < ref))
+    parsed = [s for s in scores if s is not None]
+    return {
+        "n": n,
+        "judge_agreement": mean(credit) if credit else 0.0,
+        "self_preference": mean(pref) if pref else 0.0,
+        "judge_parse_rate": len(parsed) / len(scores) if scores else 0.0,
+        "own_mean_score": mean(s for s in s_own if s is not None) if any(s is not None for s in s_own) else None,
+        "reference_lengths": mean(len(x) for x in refs) if refs else 0.0,
+        "own_length": mean(len(o[0].text) for o in own) if own else 0.0,
+    }
+
+
+def format_judge_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'checkpoint':<12}{'agreement':>10}{'self-pref':>11}{'parse':>8}{'own len':>9}{'n':>5}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['checkpoint']:<12}{r['judge_agreement']:>10.3f}{r['self_preference']:>+11.3f}"
+            f"{r['judge_parse_rate']:>8.3f}{r['own_length']:>9.0f}{r['n']:>5}"
         )
     return "\n".join(lines)

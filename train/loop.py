@@ -13,18 +13,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from train import distributed as dist
-from train.artifacts import read_json, write_json, write_jsonl
 from train.config import Recipe, recipe_to_dict
 from train.data import Item, conversation
+from train.engine import Sampler, ShardedSampler, get_sampler, render_prompts
+from train.errors import NonFiniteLossError, StopRun
 from train.models import load_tokenizer, resolve_model
-from train.sampling import Sampler, ShardedSampler, get_sampler, render_prompts
+from train.runtime import distributed as dist
+from train.runtime.artifacts import read_json, write_json, write_jsonl
 
 log = logging.getLogger("selfreward")
 
 
-class StopRun(Exception):
-    """The run cannot usefully continue (e.g. zero pairs); the message says why and what to change."""
+def _is_engine_dead(e: BaseException) -> bool:
+    """vLLM's engine process died mid-generation (only an in-process vLLM raises it; vLLM is imported only then)."""
+    import sys
+
+    if "vllm" not in sys.modules:
+        return False
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return isinstance(e, EngineDeadError)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -130,28 +138,6 @@ class Run:
         if self._sampler is not None:
             self._sampler.sleep()
 
-    def train_dpo(self, k: int, pairs: list[dict[str, Any]], beta: float, nll_alpha: float) -> dict[str, Any]:
-        """DPO for iteration k: continues from iteration k-1's adapter, which is also the reference."""
-        from train.dpo import train_dpo  # TRL is heavy: import only when a train phase runs
-
-        r = self.recipe
-        self.sampler_sleep()
-        start = self.adapter(k - 1)
-        return train_dpo(
-            self.model_path,
-            pairs,
-            str(self.iter_dir(k)),
-            init_adapter=str(start) if start else None,
-            lora=r.lora.model_dump(),
-            beta=beta,
-            nll_alpha=nll_alpha,
-            trainer_overrides=r.trainer,
-            seed=r.seed + k,
-            trust_remote_code=r.trust_remote_code,
-            report_to=self.report_to,
-            model_dtype=r.model_dtype,
-        )
-
     def phase(
         self, k: int, name: str, artifact: Path, fn: Callable[[], dict[str, Any]], all_ranks: bool = False
     ) -> dict[str, Any]:
@@ -172,12 +158,12 @@ class Run:
         except Exception as e:
             if _is_oom(e):
                 raise StopRun(self._oom_advice(k, name, e)) from e
-            if type(e).__name__ == "NonFiniteLossError":  # train.dpo: the loss went nan/inf
+            if isinstance(e, NonFiniteLossError):
                 raise StopRun(
                     f"iter {k}: {e}. Nothing of this iteration was published. Lower trainer.learning_rate (now "
                     f"{self.recipe.trainer.get('learning_rate', 'default')}) or check the pairs in iter_{k}"
                 ) from e
-            if type(e).__name__ == "EngineDeadError":  # vLLM's engine process died mid-generation
+            if _is_engine_dead(e):
                 raise StopRun(
                     f"iter {k}: the vLLM engine died during phase `{name}`; finished chunks are kept and a rerun "
                     "resumes. If it ran out of memory, lower sampling.gpu_memory_utilization or sampling.batch_size"

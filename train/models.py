@@ -133,7 +133,7 @@ def trainer_model_kwargs(model_dtype: str) -> dict[str, Any]:
 
 def distributed_defaults() -> dict[str, Any]:
     """TRL config defaults every trainer shares under `accelerate launch` (a recipe's `trainer:` entries win)."""
-    from train import distributed as dist
+    from train.runtime import distributed as dist
 
     out: dict[str, Any] = {"ddp_find_unused_parameters": False}  # LoRA: every trainable tensor gets a gradient
     if dist.timeout_s() is not None:

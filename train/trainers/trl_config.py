@@ -1,0 +1,41 @@
+"""One builder for the TRL config of every trainer (DPOConfig, GRPOConfig), with one precedence rule:
+
+    shared defaults < the trainer's defaults < the recipe's `trainer:` < what the algorithm owns
+
+What an algorithm owns (its row in the algorithm table, `owned`) is refused in `trainer:` when the recipe is
+loaded, so nothing a user writes is silently overwritten here. `model_init_kwargs` is completed after the config
+exists, because that is when transformers knows whether ZeRO-3 is on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from train.models import distributed_defaults, trainer_model_kwargs
+from train.runtime.progress import progress_enabled
+
+
+def shared_defaults() -> dict[str, Any]:
+    cuda = torch.cuda.is_available()
+    return {
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_total_limit": 1,
+        "gradient_checkpointing": False,
+        "dataloader_num_workers": 0,
+        "bf16": cuda and torch.cuda.is_bf16_supported(),  # TRL defaults bf16=True, even on CPU
+        "use_cpu": not cuda,
+        "disable_tqdm": not progress_enabled(),  # TRL/transformers' step bar: terminal only, never under CI
+        **distributed_defaults(),
+    }
+
+
+def build_trl_config(
+    cls: type, defaults: dict[str, Any], overrides: dict[str, Any], owned: dict[str, Any], model_dtype: str
+) -> Any:
+    """`cls` (a TRL config class) from the layers above; the base model's load kwargs filled in last."""
+    config = cls(**(shared_defaults() | defaults | overrides | owned))
+    config.model_init_kwargs = trainer_model_kwargs(model_dtype) | (config.model_init_kwargs or {})
+    return config
