@@ -6,6 +6,7 @@ User mistakes (recipe, override, data file) print one line and exit 2, with no t
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -47,12 +48,13 @@ def _print_eval_table(out: Path) -> None:
         print(f"\nHeld-out evaluation ({out})\n{_table(rows)}")
 
 
-def cmd_run(recipe: Recipe) -> int:
+def cmd_run(recipe: Recipe, redo: list[str] | None = None) -> int:
     from train.errors import StopRun
     from train.loop import Run
 
     run = Run(recipe)
-    if recipe.logging.wandb:
+    run.redo = set(redo or [])
+    if recipe.logging.wandb and run.is_main:  # one tracker, on rank 0 (it owns wandb_run_id.txt)
         from train.runtime.tracking import Tracker
 
         run.tracker = Tracker(recipe)
@@ -111,6 +113,25 @@ def cmd_eval(recipe: Recipe, data: str | None) -> int:
     return 0
 
 
+def cmd_status(target: str, overrides: list[str]) -> int:
+    """Per iteration, each phase's state (done / stale / missing) and why, without running or writing anything."""
+    from train.loop import Run
+
+    path = Path(target)
+    if path.is_dir():
+        if not (path / "recipe.json").is_file():
+            raise ConfigError(f"{path}: no recipe.json (not a selfreward output_dir)")
+        recipe = Recipe.model_validate(json.loads((path / "recipe.json").read_text()) | {"output_dir": str(path)})
+    else:
+        recipe = load_recipe(path, overrides)
+    run = Run(recipe, dry_run=True)
+    _algorithm(recipe.algorithm)(run)
+    print(f"{'iter':<6}{'phase':<13}{'state':<9}why")
+    for row in run.status:
+        print(f"{row['iteration']:<6}{row['phase']:<13}{row['state']:<9}{row['why']}")
+    return 0
+
+
 def cmd_docs(out: str | None) -> int:
     from train.config.reference import render_reference
 
@@ -126,9 +147,14 @@ def cmd_docs(out: str | None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfreward", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run (or resume) a recipe")
+    run = sub.add_parser("run", help="run (or resume) a recipe; phases whose inputs changed are redone")
     run.add_argument("recipe")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampling.temperature=0.8")
+    run.add_argument("--redo", action="append", metavar="PHASE", default=[],
+                     help="redo PHASE (e.g. pairs, or 2:pairs for iteration 2 only) and what depends on it")  # fmt: skip
+    st = sub.add_parser("status", help="which phases of a run are done, stale or missing, and why")
+    st.add_argument("target", help="an output_dir (uses its recipe.json) or a recipe YAML")
+    st.add_argument("overrides", nargs="*", help="dotted overrides (with a recipe YAML)")
     ev = sub.add_parser("eval", help="evaluate the base model and every saved iteration adapter")
     ev.add_argument("recipe")
     ev.add_argument("overrides", nargs="*")
@@ -175,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                 load_recipe(path)
                 print(f"ok  {path}")
             return 0
+        if args.command == "status":
+            return cmd_status(args.target, args.overrides)
         if args.command == "docs":
             return cmd_docs(args.out)
         if args.command == "report":
@@ -189,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         check_launch(recipe, dist.world_size())
         dist.configure(recipe.distributed_timeout_s)  # before anything creates the process group
         if args.command == "run":
-            return cmd_run(recipe)
+            return cmd_run(recipe, args.redo)
         return cmd_eval(recipe, args.data)
     except ConfigError as e:
         print(f"selfreward: error: {e}", file=sys.stderr)

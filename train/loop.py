@@ -1,13 +1,15 @@
 """The iteration loop's plumbing: phases that skip when their artifact exists, timings, metrics.
 
-An algorithm module calls `run.phase(k, name, artifact, fn)` for each step of its algorithm box.
-`fn` writes `artifact` (atomically) and returns metrics; on rerun a finished phase is skipped and
-its recorded metrics are reused, so re-running the same command resumes.
+An algorithm module calls `run.phase(k, name, artifact, fn, reads=..., after=...)` for each step of its algorithm
+box. `fn` writes `artifact` (atomically) and returns metrics; on rerun a finished phase whose inputs are unchanged
+is skipped and its recorded metrics are reused, so re-running the same command resumes, and a phase whose inputs
+changed (a recipe edit) is redone with everything downstream of it.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +21,30 @@ from train.engine import Sampler, ShardedSampler, get_sampler, render_prompts
 from train.errors import NonFiniteLossError, StopRun
 from train.models import load_tokenizer, resolve_model
 from train.runtime import distributed as dist
-from train.runtime.artifacts import read_json, write_json, write_jsonl
+from train.runtime.artifacts import (
+    Staged,
+    adapter_complete,
+    artifact_complete,
+    fault,
+    read_json,
+    write_json,
+    write_jsonl,
+)
+from train.runtime.fingerprints import RESULT_VERSION, describe_changes, digest, recipe_value
 
 log = logging.getLogger("selfreward")
+
+# Recipe keys that change what the model is shown, how the engine samples, and how a trainer trains: the inputs
+# shared by many phases (train/runtime/fingerprints.py). Engine sizing keys (batch size, KV cache) change no result.
+PROMPT_KEYS = ("data.instruction", "data.system_prompt", "data.answer_type", "sampling.max_model_len")
+ENGINE_KEYS = ("sampling.engine", "sampling.dtype", "seed", "trust_remote_code")
+TRAIN_KEYS = ("trainer", "lora", "seed", "model_dtype", "trust_remote_code")
+EVAL_KEYS = ("eval.num_samples", "eval.temperature", "eval.top_p")
+
+
+def items_digest(items: list[Item]) -> str:
+    """What a phase needs to know about its prompts: their ids, text and gold answers."""
+    return digest([(it["id"], it["prompt"], it.get("answer")) for it in items])
 
 
 def _is_engine_dead(e: BaseException) -> bool:
@@ -45,14 +68,16 @@ def _is_oom(e: BaseException) -> bool:
 class Run:
     """Everything one `selfreward run` shares across phases: paths, the engine, the tracker."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, dry_run: bool = False):
         self.recipe = recipe
         self.out = Path(recipe.output_dir)
         self.is_main = dist.is_main()
+        self.dry_run = dry_run  # `selfreward status`: compute each phase's state, run and write nothing
         model_path = None
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
             model_path = resolve_model(recipe.model)  # converts the embedded GGUF once, on one rank
+        if self.is_main and not dry_run:
+            self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.out / "recipe.json", recipe_to_dict(recipe))
         self.model_path: str = dist.broadcast(model_path)
         self._sampler: Sampler | None = None
@@ -60,14 +85,24 @@ class Run:
         self.report_to = "wandb" if recipe.logging.wandb and self.is_main else "none"
         self.skipped_prompts: dict[str, int] = {}  # split -> prompts dropped for not fitting the context
         self._rank0_phase: str | None = None  # the rank-0-only phase running now, if any
+        self._tree = recipe_to_dict(recipe)
+        self._fingerprints: dict[tuple[int, str], str] = {}  # (iteration, phase) -> this run's input digest
+        self._ran: set[str] = set()  # "iter_k/phase" executed by this process: what depends on them is redone
+        self.redo: set[str] = set()  # `--redo PHASE` or `--redo K:PHASE`
+        self.status: list[dict[str, Any]] = []
 
     def iter_dir(self, k: int) -> Path:
         return self.out / f"iter_{k}"
 
     def adapter(self, k: int) -> Path | None:
-        """The adapter that iteration k+1 starts from (None = base model)."""
+        """The adapter that iteration k+1 starts from (None = base model, or iteration k's adapter is not whole)."""
         path = self.iter_dir(k) / "adapter"
-        return path if k > 0 and (path / "adapter_config.json").is_file() else None
+        if k <= 0 or not path.is_dir():
+            return None
+        if not adapter_complete(path):  # truncated by a power loss: its train phase redoes it
+            log.warning("%s is incomplete (truncated safetensors or config); not using it", path)
+            return None
+        return path
 
     @property
     def sampler(self) -> Sampler:
@@ -124,7 +159,7 @@ class Run:
                 "answer); listed in %s", len(skipped), len(items), split, limit, r.sampling.max_model_len, reserve,
                 self.out / f"skipped_{split}_prompts.jsonl",
             )  # fmt: skip
-            if self.is_main:
+            if self.is_main and not self.dry_run:
                 write_jsonl(self.out / f"skipped_{split}_prompts.jsonl", skipped)
         if not kept:
             raise StopRun(
@@ -139,22 +174,47 @@ class Run:
             self._sampler.sleep()
 
     def phase(
-        self, k: int, name: str, artifact: Path, fn: Callable[[], dict[str, Any]], all_ranks: bool = False
+        self,
+        k: int,
+        name: str,
+        artifact: Path,
+        fn: Callable[[], dict[str, Any]],
+        all_ranks: bool = False,
+        *,
+        reads: tuple[str, ...] = (),
+        after: tuple[str, ...] = (),
+        adapter: int | None = None,
+        values: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Run `fn` unless `artifact` exists. Rank 0 alone runs it unless `all_ranks` (sharded generation and
-        evaluation, distributed training: every phase that uses the engine); either way only rank 0 writes, and ranks
-        meet after."""
+        """Run `fn` unless `artifact` exists and was made from the same inputs. Rank 0 alone runs it unless `all_ranks`
+        (sharded generation and evaluation, distributed training: every phase that uses the engine); either way only
+        rank 0 writes, and ranks meet after.
+
+        Inputs (train/runtime/fingerprints.py): the recipe keys it `reads`, computed `values`, the phases of
+        iteration k it comes `after`, and the training phase of iteration `adapter` whose adapter it uses."""
         metrics_path = self.iter_dir(k) / "phases" / f"{name}.json"
-        if dist.broadcast(artifact.exists() if self.is_main else None):
+        inputs = self._inputs(k, reads, after, adapter, values)
+        self._fingerprints[(k, name)] = digest(inputs)
+        state, why = dist.broadcast(self._state(k, name, artifact, inputs) if self.is_main else None)
+        if self.dry_run:
+            self.status.append({"iteration": k, "phase": name, "state": state, "why": why})
+            return read_json(metrics_path)["metrics"] if state == "done" and metrics_path.exists() else {}
+        if state == "done":
             if self.is_main:
                 log.info("iter %d: %s done (%s), skipping", k, name, artifact.name)
             return read_json(metrics_path)["metrics"] if metrics_path.exists() else {}
         if self.is_main:
+            if state == "stale":
+                log.info("iter %d: %s is stale (%s); redoing it and what depends on it", k, name, why)
+            self._clear(k, name, artifact, inputs)
             log.info("iter %d: %s ...", k, name)
+        dist.barrier()
+        self._ran.add(f"iter_{k}/{name}")
         start = time.perf_counter()
         self._rank0_phase = None if all_ranks else name
         try:
-            metrics = fn() if (all_ranks or self.is_main) else {}
+            with Staged(artifact, owner=self.is_main) as staged:  # fn's publish of `artifact` waits for the metrics
+                metrics = fn() if (all_ranks or self.is_main) else {}
         except Exception as e:
             if _is_oom(e):
                 raise StopRun(self._oom_advice(k, name, e)) from e
@@ -173,13 +233,60 @@ class Run:
             self._rank0_phase = None
         seconds = time.perf_counter() - start
         if self.is_main:
-            # Written before the artifact is published: a published artifact always has its metrics.
+            # Written before the artifact is published: a published artifact always has its metrics. A kill in
+            # between leaves it staged, unpublished, and its partial files in place: the rerun redoes the phase.
+            fault(f"phase_metrics:{name}")
             write_json(metrics_path, {"metrics": metrics, "seconds": seconds})
-            if not artifact.exists():
+            if not staged.publish() and not artifact.exists():  # exists: written around the artifacts module
                 raise RuntimeError(f"phase {name} finished without writing {artifact}")
             log.info("iter %d: %s took %.1fs %s", k, name, seconds, _short(metrics))
         dist.barrier()
         return dist.broadcast(metrics)
+
+    def _inputs(self, k: int, reads: tuple[str, ...], after: tuple[str, ...], adapter: int | None,
+                values: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+        inputs: dict[str, Any] = {"model": self.recipe.model, "result_version": RESULT_VERSION}
+        inputs |= {key: recipe_value(self._tree, key) for key in reads}
+        inputs |= {f"={key}": value for key, value in (values or {}).items()}
+        upstream = [f"iter_{k}/{n}" for n in after] + ([f"iter_{adapter}/train"] if adapter else [])
+        for ref in upstream:
+            j, n = int(ref.split("/")[0].removeprefix("iter_")), ref.split("/")[1]
+            inputs[f"<{ref}"] = self._fingerprints.get((j, n), "absent")
+        return inputs
+
+    def _state(self, k: int, name: str, artifact: Path, inputs: dict[str, Any]) -> tuple[str, str]:
+        """("done" | "stale" | "missing", why): whether `artifact` can be reused for these inputs."""
+        recorded = self.iter_dir(k) / "phases" / "inputs" / f"{name}.json"
+        if not artifact_complete(artifact):  # an adapter must also be whole (artifacts.adapter_complete)
+            return "missing", "not run yet"
+        if name in self.redo or f"{k}:{name}" in self.redo:
+            return "stale", "--redo"
+        redone = [ref for ref in inputs if ref.startswith("<") and ref[1:] in self._ran]
+        if redone:
+            return "stale", f"input {redone[0][1:]} was redone"
+        if not recorded.exists():
+            return "stale", "no record of its inputs (made by an older selfreward)"
+        old = read_json(recorded)
+        if old.get("fingerprint") == digest(inputs):
+            return "done", ""
+        return "stale", describe_changes(old.get("inputs", {}), inputs)
+
+    def _clear(self, k: int, name: str, artifact: Path, inputs: dict[str, Any]) -> None:
+        """Before running a phase: drop its old artifact, and partial work made from other inputs; record the new
+        inputs (a published artifact was always made from the inputs recorded next to it)."""
+        recorded = self.iter_dir(k) / "phases" / "inputs" / f"{name}.json"
+        fingerprint = digest(inputs)
+        same = recorded.exists() and read_json(recorded).get("fingerprint") == fingerprint and not artifact.exists()
+        if artifact.is_dir():
+            shutil.rmtree(artifact)
+        artifact.unlink(missing_ok=True)
+        (self.iter_dir(k) / "phases" / f"{name}.json").unlink(missing_ok=True)
+        if not same:  # resume partial work only when it was made from these inputs
+            for partial in artifact.parent.glob(artifact.name + ".*partial"):
+                partial.unlink()
+            for leftover in ("checkpoints", "rollouts", "rollout_adapter") if name == "train" else ():
+                shutil.rmtree(artifact.parent / leftover, ignore_errors=True)
+        write_json(recorded, {"fingerprint": fingerprint, "inputs": inputs})
 
     def _oom_advice(self, k: int, name: str, e: BaseException) -> str:
         t = self.recipe.trainer
@@ -205,7 +312,7 @@ class Run:
 
     def write_metrics(self, upto: int) -> list[dict[str, Any]]:
         """Rewrite metrics.jsonl with one row per finished iteration (idempotent under resume)."""
-        if not self.is_main:
+        if not self.is_main or self.dry_run:
             return []
         rows = [self.iteration_row(k) for k in range(0, upto + 1) if (self.iter_dir(k) / "phases").exists()]
         write_jsonl(self.out / "metrics.jsonl", rows)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from functools import partial
 from itertools import permutations
+from pathlib import Path
 from statistics import mean, pvariance
 from typing import Any
 
@@ -35,44 +36,62 @@ from train.data import conversation, load_items
 from train.engine import GenParams
 from train.errors import StopRun
 from train.evaluate import judge_agreement
-from train.loop import Run
+from train.loop import ENGINE_KEYS, PROMPT_KEYS, TRAIN_KEYS, Run, items_digest
 from train.runtime import distributed as dist
-from train.runtime.artifacts import read_jsonl, write_json, write_jsonl
+from train.runtime.artifacts import ChunkLog, map_chunked, read_jsonl, write_json, write_jsonl
+from train.runtime.fingerprints import digest
 
 
 def _user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-def generate_responses(run: Run, k: int, items: list[dict[str, Any]]) -> dict[str, Any]:
-    r, cfg = run.recipe, run.recipe.meta_rewarding
+def _rank_log(path: Path, key: Any, need: int = 1) -> ChunkLog:
+    """This rank's partial file of the artifact at `path` (artifacts.ChunkLog: every rank reads all of them)."""
+    return ChunkLog(path, key, need, shard=dist.rank(), num_shards=dist.world_size())
+
+
+def _use_adapter(run: Run, k: int) -> None:
+    """Load the adapter iteration k sampled with (iteration k-1's), or the base model."""
     run.sampler.set_adapter(str(run.adapter(k - 1)) if run.adapter(k - 1) else None)
+
+
+def generate_responses(run: Run, k: int, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """K responses per prompt. Data-parallel (each rank samples its shard of prompts) and crash-safe: every chunk of
+    `sampling.batch_size` prompts is appended to the rank's partial file once sampled, and a rerun samples only the
+    prompts that have no complete chunk yet. Rank 0 publishes the rows in prompt order."""
+    r, cfg = run.recipe, run.recipe.meta_rewarding
     params = GenParams(
         n=cfg.num_responses,
         temperature=r.sampling.temperature,
         top_p=r.sampling.top_p,
         max_tokens=r.sampling.max_tokens,
     )
-    # data-parallel: each rank samples its shard of prompts (the phase runs on all ranks)
-    outs = dist.map_sharded(
-        lambda part: run.sampler.generate([conversation(it, r.data) for it in part], params, desc=f"iter {k} actor"),
-        items,
-    )
-    rows = [
-        {
-            "prompt_id": it["id"],
-            "prompt": it["prompt"],
-            "response_idx": j,
-            "text": s.text,
-            "length": len(s.text),
-            "num_tokens": len(s.token_ids),
-            "finish_reason": s.finish_reason,
-        }
-        for it, samples in zip(items, outs)
-        for j, s in enumerate(samples)
-    ]
-    if dist.is_main():
-        write_jsonl(run.iter_dir(k) / "responses.jsonl", rows)
+    log = _rank_log(run.iter_dir(k) / "responses.jsonl", lambda row: row["prompt_id"], cfg.num_responses)
+
+    def work(chunk: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], None]:
+        outs = run.sampler.generate([conversation(it, r.data) for it in chunk], params, desc=f"iter {k} actor")
+        rows = [
+            {
+                "prompt_id": it["id"],
+                "prompt": it["prompt"],
+                "response_idx": j,
+                "text": s.text,
+                "length": len(s.text),
+                "num_tokens": len(s.token_ids),
+                "finish_reason": s.finish_reason,
+            }
+            for it, samples in zip(chunk, outs)
+            for j, s in enumerate(samples)
+        ]
+        return rows, None
+
+    map_chunked(log, items, lambda it: it["id"], r.sampling.batch_size, work, start=partial(_use_adapter, run, k))
+    rows: list[dict[str, Any]] = []
+    if dist.is_main():  # rank 0's metrics are the phase's
+        done, _ = log.collect()
+        rows = [row for it in items for row in done[it["id"]]]
+        log.finish(rows)
     return {
         "responses": len(rows),
         "mean_length": mean(x["length"] for x in rows) if rows else 0.0,
@@ -81,38 +100,43 @@ def generate_responses(run: Run, k: int, items: list[dict[str, Any]]) -> dict[st
 
 
 def judge_responses(run: Run, k: int) -> dict[str, Any]:
-    """N judgements per response in one batched call; unparseable scores are kept as null."""
+    """N judgements per response, `sampling.batch_size` responses per call; unparseable scores are kept as null.
+    Data-parallel and crash-safe as `generate_responses`: one unit per response."""
     cfg = run.recipe.meta_rewarding
     responses = read_jsonl(run.iter_dir(k) / "responses.jsonl")
     params = GenParams(
         n=cfg.num_judgements, temperature=cfg.judge_temperature, top_p=1.0, max_tokens=cfg.judge_max_tokens
     )
-    convs = [_user(judge_prompt(x["prompt"], x["text"])) for x in responses]
-    run.sampler.set_adapter(str(run.adapter(k - 1)) if run.adapter(k - 1) else None)
-    forced_here = []
 
-    def judge_part(part: list[Any]) -> list[tuple[list[str], list[float | None]]]:
-        texts, scores, forced = judge(run.sampler, part, params, cfg.force_verdict, desc=f"iter {k} judge")
-        forced_here.append(forced)
-        return list(zip(texts, scores))
+    def unit(x: dict[str, Any]) -> tuple[Any, int]:
+        return x["prompt_id"], x["response_idx"]
 
-    judged = dist.map_sharded(judge_part, convs)  # data-parallel over responses
-    texts, scores = [t for t, _ in judged], [s for _, s in judged]
-    forced = sum(dist.gather_rows(forced_here))
-    rows = []
-    for x, row_texts, row_scores in zip(responses, texts, scores):
-        valid = [s for s in row_scores if s is not None]
-        rows.append(
-            {
-                "prompt_id": x["prompt_id"],
-                "response_idx": x["response_idx"],
-                "judge_texts": row_texts,
-                "scores": row_scores,
-                "mean_score": mean(valid) if valid else None,
-            }
-        )
-    if dist.is_main():
-        write_jsonl(run.iter_dir(k) / "judgements.jsonl", rows)
+    log = _rank_log(run.iter_dir(k) / "judgements.jsonl", unit)
+
+    def work(chunk: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        convs = [_user(judge_prompt(x["prompt"], x["text"])) for x in chunk]
+        texts, scores, forced = judge(run.sampler, convs, params, cfg.force_verdict, desc=f"iter {k} judge")
+        rows = []
+        for x, row_texts, row_scores in zip(chunk, texts, scores):
+            valid = [s for s in row_scores if s is not None]
+            rows.append(
+                {
+                    "prompt_id": x["prompt_id"],
+                    "response_idx": x["response_idx"],
+                    "judge_texts": row_texts,
+                    "scores": row_scores,
+                    "mean_score": mean(valid) if valid else None,
+                }
+            )
+        return rows, {"forced": forced}
+
+    map_chunked(log, responses, unit, run.recipe.sampling.batch_size, work, start=partial(_use_adapter, run, k))
+    rows, forced = [], 0
+    if dist.is_main():  # rank 0's metrics are the phase's
+        done, metas = log.collect()
+        rows = [done[unit(x)][0] for x in responses]
+        forced = sum(m.get("forced", 0) for m in metas)
+        log.finish(rows)
     all_scores = [s for row in rows for s in row["scores"]]
     parsed = [s for s in all_scores if s is not None]
     return {
@@ -164,25 +188,33 @@ def build_judge_pairs(run: Run, k: int) -> dict[str, Any]:
         idx = pick_meta_judge_response([j["scores"] for _, j in group])
         if idx is not None:
             picked.append(group[idx])
-    jobs, convs = [], []
+    jobs = []  # (prompt_id, a, b, conversation): one comparison of judgements a and b
     for x, j in picked:
         usable = [i for i, t in enumerate(j["judge_texts"]) if len(t) <= cfg.max_judgement_chars]
         for a, b in permutations(usable, 2):
-            jobs.append((x["prompt_id"], a, b))
-            convs.append(_user(meta_judge_prompt(x["prompt"], x["text"], j["judge_texts"][a], j["judge_texts"][b])))
+            conv = _user(meta_judge_prompt(x["prompt"], x["text"], j["judge_texts"][a], j["judge_texts"][b]))
+            jobs.append((x["prompt_id"], a, b, conv))
     params = GenParams(n=1, temperature=cfg.judge_temperature, top_p=1.0, max_tokens=cfg.judge_max_tokens)
-    run.sampler.set_adapter(str(run.adapter(k - 1)) if run.adapter(k - 1) else None)
-    forced_here = []
 
-    def meta_judge_part(part: list[Any]) -> list[str | None]:
-        verdicts, forced = meta_judge(run.sampler, part, params, cfg.force_verdict) if part else ([], 0)
-        forced_here.append(forced)
-        return verdicts
+    def unit(job: tuple[Any, int, int, Any]) -> tuple[Any, int, int]:
+        return job[:3]
 
-    verdicts = dist.map_sharded(meta_judge_part, convs)  # data-parallel over comparisons
-    forced = sum(dist.gather_rows(forced_here))
+    # Data-parallel and crash-safe over comparisons, as `generate_responses` over prompts.
+    log = _rank_log(run.iter_dir(k) / "judge_pairs.jsonl", lambda row: (row["prompt_id"], row["a"], row["b"]))
+
+    def work(chunk: list[tuple[Any, int, int, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        verdicts, forced = meta_judge(run.sampler, [c for *_, c in chunk], params, cfg.force_verdict)
+        rows = [{"prompt_id": p, "a": a, "b": b, "winner": w} for (p, a, b, _), w in zip(chunk, verdicts)]
+        return rows, {"forced": forced}
+
+    map_chunked(log, jobs, unit, run.recipe.sampling.batch_size, work, start=partial(_use_adapter, run, k))
+    if not dist.is_main():
+        return {}  # rank 0's metrics are the phase's
+    done, metas = log.collect()
+    verdicts = [done[unit(job)][0]["winner"] for job in jobs]
+    forced = sum(m.get("forced", 0) for m in metas)
     outcomes: dict[str, list[tuple[int, int, str | None]]] = defaultdict(list)
-    for (pid, a, b), winner in zip(jobs, verdicts):
+    for (pid, a, b, _), winner in zip(jobs, verdicts):
         outcomes[pid].append((a, b, winner))
     pairs = []
     for x, j in picked:
@@ -191,8 +223,7 @@ def build_judge_pairs(run: Run, k: int) -> dict[str, Any]:
         pair = select_judge_pair(j["judge_texts"], j["scores"], elo, cfg.max_judgement_chars)
         if pair is not None:
             pairs.append({"prompt_id": x["prompt_id"], "prompt": _user(judge_prompt(x["prompt"], x["text"])), **pair})
-    if dist.is_main():
-        write_jsonl(run.iter_dir(k) / "judge_pairs.jsonl", pairs)
+    log.finish(pairs)
     return {
         "meta_forced_verdicts": forced,
         "judge_pairs": len(pairs),
@@ -223,6 +254,11 @@ def run_meta_rewarding(run: Run) -> None:
     items, _ = load_items(r.data, r.seed, r.max_prompts)
     items = run.fit_context(items, "train", r.sampling.max_tokens)  # over-long judge prompts: see skip_overlong
     labelled = cfg.judge_eval_file
+    judging = ("meta_rewarding.judge_temperature", "meta_rewarding.judge_max_tokens", "meta_rewarding.force_verdict")
+    eval_inputs = dict(  # the labelled file's content, not only its name
+        reads=PROMPT_KEYS + ENGINE_KEYS + judging + ("sampling.max_tokens", "meta_rewarding.judge_eval_samples"),
+        values={"labelled": digest(Path(labelled).read_bytes().decode(errors="replace")) if labelled else None},
+    )
 
     def eval_phase(k: int) -> dict[str, Any]:
         metrics = judge_agreement(run.sharded_sampler, run.adapter(k), labelled, r)
@@ -231,17 +267,30 @@ def run_meta_rewarding(run: Run) -> None:
         return metrics
 
     if r.eval.enabled and labelled:
-        run.phase(0, "eval", run.iter_dir(0) / "eval.json", partial(eval_phase, 0), all_ranks=True)
+        run.phase(0, "eval", run.iter_dir(0) / "eval.json", partial(eval_phase, 0), all_ranks=True, **eval_inputs)
         run.write_metrics(0)
     for k in range(1, r.iterations + 1):
         d = run.iter_dir(k)
         use_judge = cfg.meta_judge and k in cfg.judge_pair_iterations
-        run.phase(k, "generate", d / "responses.jsonl", partial(generate_responses, run, k, items), all_ranks=True)
-        run.phase(k, "judge", d / "judgements.jsonl", partial(judge_responses, run, k), all_ranks=True)
-        run.phase(k, "actor_pairs", d / "actor_pairs.jsonl", partial(build_actor_pairs, run, k))
+        run.phase(k, "generate", d / "responses.jsonl", partial(generate_responses, run, k, items), all_ranks=True,
+                  reads=PROMPT_KEYS + ENGINE_KEYS + ("sampling.temperature", "sampling.top_p", "sampling.max_tokens",
+                                                     "meta_rewarding.num_responses"),
+                  values={"prompts": items_digest(items)}, adapter=k - 1)  # fmt: skip
+        run.phase(k, "judge", d / "judgements.jsonl", partial(judge_responses, run, k), all_ranks=True,
+                  reads=ENGINE_KEYS + judging + ("meta_rewarding.num_judgements",), after=("generate",),
+                  adapter=k - 1)  # fmt: skip
+        run.phase(k, "actor_pairs", d / "actor_pairs.jsonl", partial(build_actor_pairs, run, k), after=("judge",),
+                  reads=("meta_rewarding.length_control",),
+                  values={"rho": rho_for(k, cfg.length_rho) if cfg.length_control else 0.0})  # fmt: skip
+        train_after: tuple[str, ...] = ("actor_pairs",)
         if use_judge:
-            run.phase(k, "meta_judge", d / "judge_pairs.jsonl", partial(build_judge_pairs, run, k), all_ranks=True)
-        run.phase(k, "train", d / "adapter", partial(train_iteration, run, k, use_judge), all_ranks=True)
+            run.phase(k, "meta_judge", d / "judge_pairs.jsonl", partial(build_judge_pairs, run, k), all_ranks=True,
+                      reads=ENGINE_KEYS + judging + ("meta_rewarding.max_judgement_chars",), after=("judge",),
+                      adapter=k - 1)  # fmt: skip
+            train_after += ("meta_judge",)
+        run.phase(k, "train", d / "adapter", partial(train_iteration, run, k, use_judge), all_ranks=True,
+                  reads=TRAIN_KEYS + ("meta_rewarding.beta",), values={"judge_pairs": use_judge}, after=train_after,
+                  adapter=k - 1)  # fmt: skip
         if r.eval.enabled and labelled:
-            run.phase(k, "eval", d / "eval.json", partial(eval_phase, k), all_ranks=True)
+            run.phase(k, "eval", d / "eval.json", partial(eval_phase, k), all_ranks=True, adapter=k, **eval_inputs)
         run.write_metrics(k)

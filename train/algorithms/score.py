@@ -30,7 +30,7 @@ from train.config import ConfigError
 from train.data import Item, conversation, load_items
 from train.engine import GenParams, Sampler
 from train.evaluate import evaluate
-from train.loop import Run
+from train.loop import ENGINE_KEYS, EVAL_KEYS, PROMPT_KEYS, TRAIN_KEYS, Run, items_digest
 from train.runtime import distributed as dist
 from train.runtime.artifacts import write_json, write_jsonl
 from train.trainers.two_attempts import correction_instruction, correction_metrics, rollout_rows, two_attempt_rollouts
@@ -121,20 +121,26 @@ def run_score(run: Run) -> None:
     train_items = run.fit_context(train_items, "train", 2 * r.sampling.max_tokens + turn)
     eval_items = run.fit_context(eval_items, "eval", 2 * (r.eval.max_tokens or r.sampling.max_tokens) + turn)
     eval_on = r.eval.enabled and bool(eval_items)
+    eval_inputs = dict(reads=PROMPT_KEYS + ENGINE_KEYS + EVAL_KEYS + ("score.correction_instruction", "model_dtype"),
+                       values={"prompts": items_digest(eval_items),
+                               "max_tokens": r.eval.max_tokens or r.sampling.max_tokens})  # fmt: skip
+    rollout_keys = ("sampling.temperature", "sampling.top_p", "sampling.max_tokens", "score")
 
     if eval_on:
-        run.phase(
-            0, "eval", run.iter_dir(0) / "eval.json", partial(evaluate_attempts, run, 0, eval_items), all_ranks=True
-        )
+        run.phase(0, "eval", run.iter_dir(0) / "eval.json", partial(evaluate_attempts, run, 0, eval_items),
+                  all_ranks=True, **eval_inputs)  # fmt: skip
         run.write_metrics(0)
     for stage, steps in zip(STAGES, (cfg.stage1_steps, cfg.stage2_steps)):
         if steps == 0:
             continue
         d = run.iter_dir(stage)
         # Every rank trains (DDP/DeepSpeed) and rolls out its share of each step's prompts with its own engine.
-        run.phase(stage, "train", d / "adapter", partial(train_stage, run, stage, steps, train_items), all_ranks=True)
+        # Stage II starts from Stage I's adapter, when Stage I ran.
+        run.phase(stage, "train", d / "adapter", partial(train_stage, run, stage, steps, train_items), all_ranks=True,
+                  reads=TRAIN_KEYS + PROMPT_KEYS + ENGINE_KEYS + rollout_keys,
+                  values={"prompts": items_digest(train_items), "steps": steps},
+                  adapter=1 if stage == 2 and cfg.stage1_steps else None)  # fmt: skip
         if eval_on:
-            run.phase(
-                stage, "eval", d / "eval.json", partial(evaluate_attempts, run, stage, eval_items), all_ranks=True
-            )
+            run.phase(stage, "eval", d / "eval.json", partial(evaluate_attempts, run, stage, eval_items),
+                      all_ranks=True, adapter=stage, **eval_inputs)  # fmt: skip
         run.write_metrics(stage)

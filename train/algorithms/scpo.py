@@ -22,27 +22,31 @@ from train.data import Item, conversation, load_items
 from train.engine import GenParams
 from train.errors import StopRun
 from train.evaluate import evaluate
-from train.loop import Run
+from train.loop import ENGINE_KEYS, EVAL_KEYS, PROMPT_KEYS, TRAIN_KEYS, Run, items_digest
 from train.runtime import distributed as dist
-from train.runtime.artifacts import ChunkLog, read_jsonl, write_json, write_jsonl
+from train.runtime.artifacts import ChunkLog, map_chunked, read_jsonl, write_json, write_jsonl
 
 
 def generate_samples(run: Run, k: int, items: list[Item]) -> dict[str, Any]:
-    """Sample k answers per prompt. Each rank takes its shard and appends finished chunks to its own
-    partial file (a crash loses at most one chunk); rank 0 publishes the gathered rows."""
+    """Sample k answers per prompt, `sampling.batch_size` prompts per call. Each rank takes its shard and appends
+    finished chunks to its own partial file (a crash loses at most the chunk being sampled; a prompt counts as done
+    only with all k samples; a rerun with another rank count reuses every rank's chunks: artifacts.ChunkLog);
+    rank 0 publishes the rows in prompt order."""
     r, cfg = run.recipe, run.recipe.scpo
-    log = ChunkLog(run.iter_dir(k) / "samples.jsonl", shard=dist.rank() if dist.world_size() > 1 else None)
-    rows = log.done_rows()
-    done = {row["prompt_id"] for row in rows}
-    todo = [it for it in dist.shard(items) if it["id"] not in done]
-    run.sampler.set_adapter(str(run.adapter(k - 1)) if run.adapter(k - 1) else None)
+    log = ChunkLog(
+        run.iter_dir(k) / "samples.jsonl",
+        lambda row: row["prompt_id"],
+        cfg.num_samples,
+        shard=dist.rank(),
+        num_shards=dist.world_size(),
+    )
     params = GenParams(
         n=cfg.num_samples, temperature=r.sampling.temperature, top_p=r.sampling.top_p, max_tokens=r.sampling.max_tokens
     )
-    for start in range(0, len(todo), r.sampling.batch_size):
-        chunk = todo[start : start + r.sampling.batch_size]
+
+    def work(chunk: list[Item]) -> tuple[list[dict[str, Any]], None]:
         outs = run.sampler.generate([conversation(it, r.data) for it in chunk], params, desc=f"iter {k} generate")
-        new = [
+        rows = [
             {
                 "prompt_id": it["id"],
                 "prompt": it["prompt"],
@@ -56,15 +60,17 @@ def generate_samples(run: Run, k: int, items: list[Item]) -> dict[str, Any]:
             for it, samples in zip(chunk, outs)
             for j, s in enumerate(samples)
         ]
-        log.append(new)
-        rows += new
-    rows = dist.gather_rows(rows)
-    if dist.is_main():
-        order = {it["id"]: i for i, it in enumerate(items)}
-        rows.sort(key=lambda row: (order[row["prompt_id"]], row["sample"]))
+        return rows, None
+
+    def use_adapter() -> None:
+        run.sampler.set_adapter(str(run.adapter(k - 1)) if run.adapter(k - 1) else None)
+
+    map_chunked(log, items, lambda it: it["id"], r.sampling.batch_size, work, start=use_adapter)
+    rows: list[dict[str, Any]] = []
+    if dist.is_main():  # rank 0's metrics are the phase's
+        done, _ = log.collect()
+        rows = [row for it in items for row in done[it["id"]]]
         log.finish(rows)
-    dist.barrier()
-    log.discard()
     return {
         "samples": len(rows),
         "answer_rate": mean(row["answer"] is not None for row in rows) if rows else 0.0,
@@ -158,6 +164,9 @@ def run_scpo(run: Run) -> None:
     train_items = run.fit_context(train_items, "train", r.sampling.max_tokens)
     eval_items = run.fit_context(eval_items, "eval", r.eval.max_tokens or r.sampling.max_tokens)
     eval_on = r.eval.enabled and bool(eval_items)
+    prompts = {"prompts": items_digest(train_items)}
+    eval_inputs = dict(reads=PROMPT_KEYS + ENGINE_KEYS + EVAL_KEYS, values={
+        "prompts": items_digest(eval_items), "max_tokens": r.eval.max_tokens or r.sampling.max_tokens})  # fmt: skip
 
     def eval_phase(k: int) -> dict[str, Any]:
         metrics = evaluate(run.sharded_sampler, run.adapter(k), eval_items, r)
@@ -166,14 +175,19 @@ def run_scpo(run: Run) -> None:
         return metrics
 
     if eval_on:
-        run.phase(0, "eval", run.iter_dir(0) / "eval.json", partial(eval_phase, 0), all_ranks=True)
+        run.phase(0, "eval", run.iter_dir(0) / "eval.json", partial(eval_phase, 0), all_ranks=True, **eval_inputs)
         run.write_metrics(0)
     for k in range(1, r.iterations + 1):
         d = run.iter_dir(k)
-        run.phase(k, "generate", d / "samples.jsonl", partial(generate_samples, run, k, train_items), all_ranks=True)
-        run.phase(k, "vote", d / "votes.jsonl", partial(vote, run, k))
-        run.phase(k, "pairs", d / "pairs.jsonl", partial(build_pairs, run, k))
-        run.phase(k, "train", d / "adapter", partial(train_iteration, run, k), all_ranks=True)
+        run.phase(k, "generate", d / "samples.jsonl", partial(generate_samples, run, k, train_items), all_ranks=True,
+                  reads=PROMPT_KEYS + ENGINE_KEYS + ("sampling.temperature", "sampling.top_p", "sampling.max_tokens",
+                                                     "scpo.num_samples"), values=prompts, adapter=k - 1)  # fmt: skip
+        run.phase(k, "vote", d / "votes.jsonl", partial(vote, run, k), reads=("data.answer_type",), after=("generate",))
+        run.phase(k, "pairs", d / "pairs.jsonl", partial(build_pairs, run, k), after=("generate",),
+                  reads=("data.answer_type", "scpo.min_vote_margin", "scpo.semi_supervised", "scpo.pairs_per_prompt"),
+                  values={"vote_threshold": vote_threshold_for(k, r.scpo.vote_threshold)})  # fmt: skip
+        run.phase(k, "train", d / "adapter", partial(train_iteration, run, k), all_ranks=True,
+                  reads=TRAIN_KEYS + ("scpo.beta", "scpo.nll_alpha"), after=("pairs",), adapter=k - 1)  # fmt: skip
         if eval_on:
-            run.phase(k, "eval", d / "eval.json", partial(eval_phase, k), all_ranks=True)
+            run.phase(k, "eval", d / "eval.json", partial(eval_phase, k), all_ranks=True, adapter=k, **eval_inputs)
         run.write_metrics(k)
