@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from rewards.schedule import per_iteration
+
 # Float slack for score windows and Elo ties: mean scores are averages of a few small numbers.
 _EPS = 1e-9
 _ELO_TIE = 1e-6
@@ -167,9 +169,5 @@ def select_actor_pair(
 
 
 def rho_for(iteration: int, rhos: list[float]) -> float:
-    """ρ for a 1-based iteration: rhos[iteration − 1], the last value repeating (Meta-Rewarding §3.1)."""
-    if iteration < 1:
-        raise ValueError(f"iteration is 1-based, got {iteration}")
-    if not rhos:
-        raise ValueError("length_rho is empty: give one ρ per iteration (the last repeats)")
-    return float(rhos[min(iteration, len(rhos)) - 1])
+    """ρ for a 1-based iteration, the last value repeating (Meta-Rewarding §3.1; rewards/schedule.py)."""
+    return per_iteration(rhos, iteration, "meta_rewarding.length_rho")

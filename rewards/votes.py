@@ -16,6 +16,7 @@ from collections import Counter
 from typing import Any
 
 from rewards.answers import answer_key, answers_equal
+from rewards.schedule import per_iteration
 
 _EPS = 1e-9  # 0.7 * 8 is 5.6000000000000005 and 0.3 * 10 is 3.0000000000000004: compare with slack
 
@@ -46,14 +47,8 @@ def consistency(answers: list[str | None], answer_type: str = "number") -> float
 
 
 def vote_threshold_for(iteration: int, thresholds: list[float]) -> float:
-    """τ for a 1-based iteration; the last value repeats.
-
-    >>> [vote_threshold_for(i, [0.5, 0.7]) for i in (1, 2, 3)]
-    [0.5, 0.7, 0.7]
-    """
-    if iteration < 1 or not thresholds:
-        raise ValueError(f"need iteration >= 1 and at least one threshold, got {iteration} and {thresholds!r}")
-    return thresholds[min(iteration, len(thresholds)) - 1]
+    """τ for a 1-based iteration; the last value repeats (rewards/schedule.py)."""
+    return per_iteration(thresholds, iteration, "scpo.vote_threshold")
 
 
 def _first_with(samples: list[dict[str, Any]], key: str, answer_type: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from train.config import Recipe, recipe_to_dict
+from train.config import Recipe, algorithm, recipe_to_dict
 from train.data import Item, conversation
 from train.engine import Sampler, ShardedSampler, get_sampler, render_prompts
 from train.errors import NonFiniteLossError, StopRun
@@ -26,6 +26,7 @@ from train.runtime.artifacts import (
     adapter_complete,
     artifact_complete,
     fault,
+    head_jsonl,
     read_json,
     write_json,
     write_jsonl,
@@ -78,7 +79,6 @@ class Run:
             model_path = resolve_model(recipe.model)  # converts the embedded GGUF once, on one rank
         if self.is_main and not dry_run:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / "recipe.json", recipe_to_dict(recipe))
         self.model_path: str = dist.broadcast(model_path)
         self._sampler: Sampler | None = None
         self.tracker = None
@@ -318,6 +318,10 @@ class Run:
         write_jsonl(self.out / "metrics.jsonl", rows)
         if self.tracker is not None and rows:
             self.tracker.log_iteration(rows[-1])
+            for name in algorithm(self.recipe).samples:  # the first `logging.log_samples` rows of each
+                path = self.iter_dir(rows[-1]["iteration"]) / name
+                if path.is_file():
+                    self.tracker.log_samples(f"samples/{path.stem}", head_jsonl(path, self.recipe.logging.log_samples))
         return rows
 
 

@@ -78,6 +78,7 @@ def test_scpo_artifacts_obey_invariants(scpo_run):
     # wandb offline: one run directory with the run file, config and summary
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    assert list(runs[0].rglob("samples/pairs_*.table.json")), "logging.log_samples rows of pairs.jsonl"
 
 
 @pytest.mark.slow

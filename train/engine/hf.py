@@ -7,7 +7,7 @@ import time
 from train.config import SamplingConfig
 from train.engine.base import Conversation, GenParams, Sample, render_prompts
 from train.runtime import distributed as dist
-from train.runtime.progress import progress_enabled
+from train.runtime.progress import ChunkProgress, progress_enabled
 
 
 class HFSampler:
@@ -31,9 +31,11 @@ class HFSampler:
     def set_adapter(self, path: str | None) -> None:
         from peft import PeftModel
 
+        from train.models import load_adapter
+
         if isinstance(self.model, PeftModel):
             self.base = self.model.unload()
-        self.model = self.base if path is None else PeftModel.from_pretrained(self.base, path).eval()
+        self.model = self.base if path is None else load_adapter(self.base, path).eval()
 
     def generate(self, conversations: list[Conversation], params: GenParams, desc: str = "") -> list[list[Sample]]:
         return self.generate_ids(render_prompts(self.tokenizer, conversations), params, desc)
@@ -47,6 +49,7 @@ class HFSampler:
         stop_ids = {tok.eos_token_id, tok.pad_token_id} - {None}
         results: list[list[Sample]] = []
         starts = range(0, len(prompts), self.batch_size)
+        chunks = ChunkProgress(len(prompts), desc or "hf generate", min_total=self.batch_size + 1)
         for start in tqdm(starts, desc=desc or "hf generate", disable=not progress_enabled()):
             batch = prompts[start : start + self.batch_size]
             width = max(len(p) for p in batch)
@@ -82,6 +85,7 @@ class HFSampler:
                             text, reason = text[: text.index(s)], "stop"
                     row.append(Sample(text, ids, reason))
                 results.append(row)
+            chunks.update(len(batch))
         return results
 
     def sleep(self) -> None:

@@ -39,6 +39,7 @@ from typing import Any
 from train.config import SamplingConfig
 from train.engine import Conversation, GenParams, Sample, render_prompts, skip_overlong
 from train.runtime import distributed as dist
+from train.runtime.progress import ChunkProgress
 
 log = logging.getLogger("selfreward")
 
@@ -190,11 +191,12 @@ class ServerSampler:
         return self.generate_ids(render_prompts(self.tokenizer, conversations), params, desc)
 
     def generate_ids(self, prompt_ids: list[list[int]], params: GenParams, desc: str = "") -> list[list[Sample]]:
-        return skip_overlong(prompt_ids, params, self.max_model_len, lambda fit: self._generate(fit, params))
+        return skip_overlong(prompt_ids, params, self.max_model_len, lambda fit: self._generate(fit, params, desc))
 
-    def _generate(self, prompt_ids: list[list[int]], params: GenParams) -> list[list[Sample]]:
+    def _generate(self, prompt_ids: list[list[int]], params: GenParams, desc: str = "") -> list[list[Sample]]:
         out: list[list[Sample]] = []
         t0 = time.perf_counter()
+        chunks = ChunkProgress(len(prompt_ids), desc or "generate", min_total=self.batch_size + 1)
         for i in range(0, len(prompt_ids), self.batch_size):
             chunk = [list(p) for p in prompt_ids[i : i + self.batch_size]]
             body: dict[str, Any] = {
@@ -223,6 +225,7 @@ class ServerSampler:
                         for c in choices[p * params.n : (p + 1) * params.n]
                     ]
                 )
+            chunks.update(len(chunk))
         self.generate_s += time.perf_counter() - t0
         return out
 

@@ -11,7 +11,7 @@ from typing import Any
 from train.config import SamplingConfig
 from train.engine.base import VLLM_LORA_RANKS, Conversation, GenParams, Sample, render_prompts, skip_overlong
 from train.runtime import distributed as dist
-from train.runtime.progress import progress_enabled
+from train.runtime.progress import ChunkProgress, progress_enabled
 
 
 def _children(proc: Any) -> list[Any]:
@@ -96,6 +96,7 @@ class VLLMSampler:
 
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.max_model_len = cfg.max_model_len
+        self.batch_size = cfg.batch_size  # prompts per logged chunk when there is no progress bar
         self._on_gpu = torch.cuda.is_available()
         rank = next(r for r in VLLM_LORA_RANKS if r >= lora_rank)
         kwargs: dict[str, Any] = {}
@@ -115,6 +116,7 @@ class VLLMSampler:
                 model=model_path,
                 tokenizer=model_path,
                 enable_lora=True,
+                load_format="safetensors",  # never unpickle weights (the default falls back to .bin)
                 max_lora_rank=rank,
                 max_loras=1,
                 seed=seed + dist.rank(),  # different streams per data-parallel shard
@@ -156,9 +158,9 @@ class VLLMSampler:
         """Continue exact token ids (multi-turn rollouts must not re-tokenize earlier turns)."""
         if not prompt_ids:
             return []
-        return skip_overlong(prompt_ids, params, self.max_model_len, lambda fit: self._generate(fit, params))
+        return skip_overlong(prompt_ids, params, self.max_model_len, lambda fit: self._generate(fit, params, desc))
 
-    def _generate(self, prompt_ids: list[list[int]], params: GenParams) -> list[list[Sample]]:
+    def _generate(self, prompt_ids: list[list[int]], params: GenParams, desc: str = "") -> list[list[Sample]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -173,7 +175,14 @@ class VLLMSampler:
             allowed_token_ids=params.allowed_token_ids,
         )
         t0 = time.perf_counter()
-        outs = self.llm.generate(prompts, sp, lora_request=self._lora, use_tqdm=progress_enabled())
+        if progress_enabled():
+            outs = self.llm.generate(prompts, sp, lora_request=self._lora, use_tqdm=True)
+        else:  # no terminal: chunks of sampling.batch_size, a log line after each (vLLM batches within a chunk)
+            outs, chunks = [], ChunkProgress(len(prompts), desc or "generate", min_total=self.batch_size + 1)
+            for start in range(0, len(prompts), self.batch_size):
+                part = prompts[start : start + self.batch_size]
+                outs += self.llm.generate(part, sp, lora_request=self._lora, use_tqdm=False)
+                chunks.update(len(part))
         self.generate_s += time.perf_counter() - t0
         return [
             [
