@@ -4,7 +4,13 @@ In the spirit of Xiong et al. 2025 ("Self-rewarding correction for mathematical 
 question and a solution and ends its check with `[VERIFY] correct` or `[VERIFY] wrong`. The reward is the share of
 verification samples that say correct; a row where no sample gives a verdict is unscorable (None).
 It samples through the shared engine, so it judges with whatever adapter the rollout just loaded (the current policy).
-Where a gold answer exists it logs agreement with `reward: verifier` (TRL's `log_metric`, plus `stats` on the callable).
+Where a gold answer exists it logs agreement with `reward: verifier` on every step (TRL's `log_metric`, plus `stats`
+on the callable).
+
+This is NOT Xiong et al.'s method (solution, then self-verification tokens, then a revision only when judged wrong,
+trained with gold rewards): it is a self-judged reward, and hackable. So it is marked `self_judged`, and SCoRe gives
+no Stage II shaping bonus with it (train/algorithms/score.py): flipping one's own verdict from "wrong" to "correct"
+must not pay α.
 """
 
 from __future__ import annotations
@@ -72,4 +78,6 @@ def get_self_verify_reward(
         return rewards
 
     self_verify.stats = {"judged": 0, "parsed": 0, "with_gold": 0, "agree": 0}  # type: ignore[attr-defined]
+    # The policy grades itself: a shaping bonus on r(y2) − r(y1) would pay it for flipping its own verdict.
+    self_verify.self_judged = True  # type: ignore[attr-defined]
     return self_verify

@@ -14,7 +14,13 @@ import torch
 
 from tests.conftest import require
 from train.engine import GenParams, Sample
-from train.trainers.score_objective import group_advantages, kl_coefficients, per_token_kl, score_advantages
+from train.trainers.score_objective import (
+    group_advantages,
+    kl_coefficients,
+    per_token_kl,
+    score_advantages,
+    sequence_advantages,
+)
 from train.trainers.two_attempts import (
     ATTEMPT1,
     ATTEMPT2,
@@ -141,21 +147,35 @@ def test_kl_coefficient_per_token_and_stage():
 
 def test_shaping_bonus_reaches_attempt2_tokens_only():
     def adv(stage, alpha):
-        return score_advantages(R1, R2, TURNS, stage=stage, alpha=alpha, num_generations=2, scale="none")
+        return score_advantages(R1, R2, TURNS, stage=stage, alpha=alpha, num_generations=2)
 
     a0, a10 = adv(2, 0.0), adv(2, 10.0)
     assert torch.equal(a0[TURNS == ATTEMPT1], a10[TURNS == ATTEMPT1]), "α must not touch attempt-1 tokens"
     assert not torch.equal(a0[TURNS == ATTEMPT2], a10[TURNS == ATTEMPT2])
     assert torch.all(a10[TURNS == INSTRUCTION] == 0)
-    # group 1: r1 = (0, 1), r2 = (1, 1) -> attempt 1 returns (0, 1), attempt 2 returns (1 + α, 1)
+    # group 1: r1 = (0, 1), r2 = (1, 1) -> attempt 1 returns r1 + r2 = (1, 2), attempt 2 returns (1 + α, 1)
     assert a10[0, 0] == pytest.approx(-0.5) and a10[1, 0] == pytest.approx(0.5)
     assert a10[0, 3] == pytest.approx(5.0) and a10[1, 3] == pytest.approx(-5.0)
-    # group 2: r1 = (0, 0), r2 = (1, 0) -> attempt 2 returns (1 + α, 0)
+    # group 2: r1 = (0, 0), r2 = (1, 0) -> attempt 1 returns (1, 0), attempt 2 returns (1 + α, 0)
+    assert a10[2, 0] == pytest.approx(0.5) and a10[3, 0] == pytest.approx(-0.5)
     assert a10[2, 4] == pytest.approx(5.5) and a10[3, 2] == pytest.approx(-5.5)
-    # Stage I: attempt 1 has no reward term (its β2 KL holds it); attempt 2 is pushed by r(y2) alone
+    # Stage I (Eq. 3): both attempts carry r(y2); attempt 1 is held near the base by its β2 KL
     s1 = adv(1, 10.0)
-    assert torch.all(s1[TURNS == ATTEMPT1] == 0)
-    assert s1[0, 3] == 0 and s1[2, 4] == pytest.approx(0.5) and s1[3, 2] == pytest.approx(-0.5)
+    assert s1[0, 0] == 0 and s1[0, 3] == 0 and s1[2, 0] == pytest.approx(0.5) and s1[2, 4] == pytest.approx(0.5)
+    assert s1[3, 0] == pytest.approx(-0.5) and s1[3, 2] == pytest.approx(-0.5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 10.0])
+def test_bonus_acts_at_its_size(alpha):
+    """With r(y1) equal across a group, the attempt-2 advantage gap is (1 + α) times the reward gap. GRPO's std scaling
+    (TRL's default) would rescale every group to the same spread, so α = 10 and α = 0 would train alike."""
+    r1, r2 = torch.tensor([0.0, 0.0, 1.0, 1.0]), torch.tensor([1.0, 0.0, 1.0, 0.5])
+    adv1, adv2 = sequence_advantages(r1, r2, stage=2, alpha=alpha, num_generations=2)
+    assert adv2[0] - adv2[1] == pytest.approx((1 + alpha) * 1.0)
+    assert adv2[2] - adv2[3] == pytest.approx((1 + alpha) * 0.5)
+    assert adv1[0] - adv1[1] == pytest.approx(1.0), "attempt 1 carries r(y1) + r(y2), no bonus"
+    scaled = [group_advantages(r2 + a * (r2 - r1), 2, "group") for a in (0.0, alpha)]
+    assert torch.allclose(scaled[0], scaled[1], atol=1e-3), "std scaling cancels α: why SCoRe does not use it"
 
 
 def test_unscorable_rollouts_get_no_advantage():
@@ -292,6 +312,10 @@ def test_one_training_step_changes_lora(tiny_model_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "rollouts" / "step_00001.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and {r["step"] for r in rows} == {1}
     assert all(r["reward2"] == len(r["attempt2"]) % 2 for r in rows)
+    # the advantages the loss used, per rollout: group-mean baselines of each attempt's return (Stage II here)
+    for group in (rows[:4], rows[4:]):
+        g2 = [r["reward2"] + 10.0 * (r["reward2"] - r["reward1"]) for r in group]
+        assert [r["advantage2"] for r in group] == pytest.approx([g - sum(g2) / 4 for g in g2])
     assert all(len(r["completion_ids"]) == len(r["turns"]) for r in rows)
     assert (tmp_path / "rollout_adapter" / "adapter_config.json").is_file(), "the engine got the adapter"
     log = [h for h in trainer.state.log_history if "score/acc_t1" in h]
@@ -376,3 +400,22 @@ def test_score_recipe_end_to_end(tmp_path):
     # rerunning resumes: everything is done, so no phase runs again
     again = _run(cmd, timeout=300)
     assert again.returncode == 0 and "skipping" in again.stderr and "train ..." not in again.stderr
+
+
+def test_self_judged_reward_gets_no_shaping_bonus():
+    """The policy grading itself must not be paid α for flipping its verdict from "wrong" to "correct"."""
+    from rewards.registry import make_reward
+    from train.algorithms.score import shaping_alpha
+
+    def verdicts(convs, *, n, temperature, max_tokens):  # attempt 1 judged wrong, attempt 2 judged correct
+        return [["[VERIFY] wrong"] if "first" in c[0]["content"] else ["[VERIFY] correct"] for c in convs]
+
+    reward = make_reward("self_verify", generate=verdicts)
+    prompts = [[{"role": "user", "content": "What is 2 + 3?"}]]
+    r1, r2 = reward(prompts, ["first try: 4"]), reward(prompts, ["second try: 4"])  # the same wrong answer
+    assert (r1, r2) == ([0.0], [1.0]), "a verdict flip alone"
+    assert shaping_alpha(10.0, reward, stage=2) == 0.0
+    assert shaping_alpha(10.0, make_reward("verifier"), stage=2) == 10.0
+    r1t, r2t = torch.tensor(r1 + [0.0]), torch.tensor(r2 + [0.0])
+    _, adv2 = sequence_advantages(r1t, r2t, stage=2, alpha=shaping_alpha(10.0, reward, 2), num_generations=2)
+    assert adv2[0] - adv2[1] == pytest.approx(1.0), "only the reward itself, no (1 + α) multiple"

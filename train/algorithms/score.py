@@ -22,6 +22,7 @@ engine and the one rollout adapter rank 0 publishes; rank 0 writes the rollout f
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Any
 
@@ -62,6 +63,17 @@ def evaluate_attempts(run: Run, k: int, items: list[Item]) -> dict[str, Any]:
     return metrics
 
 
+def shaping_alpha(alpha: float, reward: Any, stage: int) -> float:
+    """Stage II's bonus α·(r(y2) − r(y1)) rewards a real correction only when r is grounded (gold answers); with a
+    self-judged reward (`self_judged`, e.g. `self_verify`) it would pay the policy for flipping its own verdict."""
+    if stage == 2 and alpha and getattr(reward, "self_judged", False):
+        logging.getLogger("selfreward").warning(
+            "score.alpha=%s ignored: the reward is judged by the policy itself, so Stage II gets no shaping bonus", alpha
+        )
+        return 0.0
+    return alpha
+
+
 def policy_texts(sampler: Sampler, convs: list, *, n: int, temperature: float, max_tokens: int) -> list[list[str]]:
     """What a reward that needs the model gets: text samples from the engine, with the adapter it holds now."""
     params = GenParams(n=n, temperature=temperature, max_tokens=max_tokens)
@@ -100,7 +112,7 @@ def train_stage(run: Run, stage: int, steps: int, items: list[Item]) -> dict[str
         ),
         beta1=cfg.beta1,
         beta2=cfg.beta2,
-        alpha=cfg.alpha,
+        alpha=shaping_alpha(cfg.alpha, reward, stage),
         lora=r.lora.model_dump(),
         trainer_overrides=r.trainer,
         answer_type=r.data.answer_type,

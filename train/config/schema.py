@@ -275,7 +275,8 @@ def _dpo_owned(section: str) -> dict[str, str]:
 
 
 _SCORE_OWNED = _RUN_OWNED | {"beta": "score.beta1/score.beta2", "max_steps": "score.stage1_steps/stage2_steps",
-                             "temperature": "sampling.temperature", "use_vllm": "sampling.engine"}  # fmt: skip
+                             "temperature": "sampling.temperature", "use_vllm": "sampling.engine",
+                             "scale_rewards": "SCoRe's REINFORCE baseline (group mean, no std scaling)"}  # fmt: skip
 _MR = "train.algorithms.meta_rewarding:run_meta_rewarding"
 
 # fmt: off

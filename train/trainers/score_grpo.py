@@ -12,8 +12,10 @@ Why GRPO, and where it is bent (decided after reading trl/trainer/grpo_trainer.p
 - Rewards: TRL's reward functions score one completion each; we register two (attempt 1 and attempt 2, wrapping the
   recipe's reward) so TRL computes and logs r(y1) and r(y2). `_calculate_rewards` is wrapped only to keep that matrix.
 - Advantages: TRL's are one scalar per completion, but its `_compute_loss` accepts (B, T) advantages, so after TRL's
-  scoring we replace them with per-token ones: each attempt is credited with its own (per-turn) return, group-
-  normalised per attempt, so the Stage II shaping bonus α·(r(y2) − r(y1)) reaches attempt-2 tokens only.
+  scoring we replace them with per-token ones (train/trainers/score_objective.py): each attempt's tokens carry the
+  return that attempt influences minus its group mean, with no std scaling (REINFORCE; GRPO's std scaling would
+  cancel α), so the Stage II bonus α·(r(y2) − r(y1)) acts at its size on attempt-2 tokens. Every rollout row in
+  `rollouts/step_*.jsonl` records the `advantage1`/`advantage2` the loss used.
 - KL: TRL adds `beta * KL` with one scalar β; Stage I needs β2 on attempt 1 and β1 on attempt 2. TRL's KL is turned
   off (beta=0) and `_compute_loss` adds Σ β_t·KL_t with TRL's own reduction for the loss type, from the policy
   log-probs of TRL's forward (captured, not recomputed) and reference log-probs computed once per rollout with the
@@ -37,7 +39,7 @@ from train.models import describe_dtypes, lora_config
 from train.runtime import distributed as dist
 from train.runtime.artifacts import write_jsonl
 from train.trainers.adapters import gathered, publish_adapter
-from train.trainers.score_objective import kl_coefficients, per_token_kl, score_advantages
+from train.trainers.score_objective import kl_coefficients, per_token_kl, sequence_advantages, token_advantages
 from train.trainers.trl_config import build_trl_config
 from train.trainers.two_attempts import ATTEMPT1, ATTEMPT2, correction_metrics, rollout_rows, two_attempt_rollouts
 
@@ -129,17 +131,17 @@ class ScoreGRPOTrainer(GRPOTrainer):
         )
         r1, r2 = self._turn_rewards[:, 0], self._turn_rewards[:, 1]
         mine = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
-        out["advantages"] = score_advantages(
-            r1, r2, turns, stage=self.stage, alpha=self.alpha, num_generations=self.num_generations,
-            scale=self.scale_rewards, rows=mine,
-        )  # fmt: skip
+        adv1, adv2 = sequence_advantages(
+            r1, r2, stage=self.stage, alpha=self.alpha, num_generations=self.num_generations, rows=mine
+        )
+        out["advantages"] = token_advantages(turns, adv1, adv2)  # replaces TRL's scalar, std-scaled ones
         out["kl_coef"] = kl_coefficients(turns, self.stage, self.beta1, self.beta2)
         out["turns"] = turns
         # Sleep before any forward pass of the trainer: the reference log-probs below need the memory the engine
         # holds (no-op on CPU). The engine wakes at the next rollout, after `free_accelerator_memory`.
         self.rollout_func.sampler.sleep()
         out["ref_logps"] = self._reference_logps(out)
-        self._record_rollouts(inputs, r1[mine], r2[mine])
+        self._record_rollouts(inputs, r1[mine], r2[mine], adv1, adv2)
         return out
 
     @torch.no_grad()
@@ -177,11 +179,21 @@ class ScoreGRPOTrainer(GRPOTrainer):
             normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
         return (per_token * mask).sum() / normalizer
 
-    def _record_rollouts(self, inputs: list[dict[str, Any]], r1: torch.Tensor, r2: torch.Tensor) -> None:
+    def _record_rollouts(self, inputs: list[dict[str, Any]], r1: torch.Tensor, r2: torch.Tensor,
+                         adv1: torch.Tensor, adv2: torch.Tensor) -> None:  # fmt: skip
         rows = rollout_rows(self.rollout_func.last, inputs, self.answer_type)
         step = self.state.global_step + 1
-        for row, a, b in zip(rows, r1.tolist(), r2.tolist()):
-            row.update({"step": step, "stage": self.stage, "reward1": _num(a), "reward2": _num(b)})
+        for row, a, b, x, y in zip(rows, r1.tolist(), r2.tolist(), adv1.tolist(), adv2.tolist()):
+            row.update(
+                {
+                    "step": step,
+                    "stage": self.stage,
+                    "reward1": _num(a),
+                    "reward2": _num(b),
+                    "advantage1": x,
+                    "advantage2": y,
+                }
+            )  # what the loss used for each attempt's tokens
         if self.accelerator.num_processes > 1:  # every rank's rollouts: one file, metrics over the whole batch
             rows = gather_object(rows)
         m = correction_metrics(rows)
@@ -326,13 +338,11 @@ def _kl_sums(model_path: str, adapter: str, rows: list[dict[str, Any]], trust_re
     """Summed KL and token counts per attempt over `rows`; None for an empty shard (no model is loaded)."""
     if not rows:
         return None
-    from peft import PeftModel
-
-    from train.models import load_causal_lm, resolve_dtype
+    from train.models import load_adapter, load_causal_lm, resolve_dtype
 
     device = f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu"
     base = load_causal_lm(model_path, trust_remote_code, resolve_dtype(model_dtype, device.split(":")[0]))
-    model = PeftModel.from_pretrained(base, adapter).eval().to(device)
+    model = load_adapter(base, adapter).eval().to(device)
     sums, counts = {ATTEMPT1: 0.0, ATTEMPT2: 0.0}, {ATTEMPT1: 0, ATTEMPT2: 0}
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]

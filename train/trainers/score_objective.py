@@ -1,6 +1,11 @@
-"""SCoRe's objective (Kumar et al., 2024) as pure tensor functions: per-turn returns with Stage II's shaping bonus,
-group baselines, per-token advantages, per-token KL weights. `score_grpo.ScoreGRPOTrainer` calls these; the tests
-check them on literal tensors."""
+"""SCoRe's objective (Kumar et al., 2024) as pure tensor functions: per-attempt returns with Stage II's shaping
+bonus, the REINFORCE baseline, per-token advantages and KL weights. `score_grpo.ScoreGRPOTrainer` calls these; the
+tests check them on literal tensors.
+
+Baseline (§5, "on-policy policy gradient (REINFORCE)"): each return minus the mean of its group (the rollouts of one
+prompt), with no division by the group's standard deviation. GRPO's std scaling (TRL's default
+`scale_rewards="group"`) rescales every group to unit spread, which undoes α: with r(y1) equal across a group, α = 10
+and α = 0 would give the same attempt-2 advantages. With the plain baseline the bonus acts at its size."""
 
 from __future__ import annotations
 
@@ -11,15 +16,22 @@ from train.trainers.two_attempts import ATTEMPT1, ATTEMPT2
 
 
 def turn_returns(r1: torch.Tensor, r2: torch.Tensor, stage: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-turn returns. Stage I: only r(y2) is maximised (attempt 1 is held by its β2 KL alone).
-    Stage II: r(y1) for attempt 1; r(y2) + α·(r(y2) − r(y1)) for attempt 2 (the bonus is attempt 2's only)."""
+    """The return each attempt's tokens carry: the rewards that attempt influences (return-to-go, undiscounted).
+
+    Stage I (Eq. 3, max r(y2) − β2·KL on attempt 1): both attempts carry r(y2); y1 shapes y2 through the second
+    prompt, and attempt 1 is held near the base by its β2 KL.
+    Stage II (Eq. 4, max r(y1) + r(y2) − β1·KL, with §5.2's bonus α·(r(y2) − r(y1)) added to the second attempt's
+    reward): attempt 2 carries r(y2) + α·(r(y2) − r(y1)); attempt 1 carries r(y1) + r(y2). Reading taken where the
+    paper is silent: the bonus is not propagated to attempt 1, where it would pay −α·r(y1), i.e. reward a worse first
+    attempt, the opposite of the behaviour §5.2 designs it for."""
     if stage == 1:
-        return torch.zeros_like(r1), r2
-    return r1, r2 + alpha * (r2 - r1)
+        return r2, r2
+    return r1 + r2, r2 + alpha * (r2 - r1)
 
 
-def group_advantages(returns: torch.Tensor, num_generations: int, scale: str = "group") -> torch.Tensor:
-    """Return minus its group mean (the rollouts of one prompt), optionally over the std; NaN (unscorable) -> 0."""
+def group_advantages(returns: torch.Tensor, num_generations: int, scale: str = "none") -> torch.Tensor:
+    """Return minus its group mean (the rollouts of one prompt), optionally over the std (GRPO's "group"/"batch"
+    scaling, not SCoRe's); NaN (unscorable) -> 0."""
     grouped = returns.view(-1, num_generations)
     adv = grouped - torch.nanmean(grouped, dim=1, keepdim=True)
     if scale == "group":
@@ -48,6 +60,15 @@ def per_token_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+def sequence_advantages(
+    r1: torch.Tensor, r2: torch.Tensor, *, stage: int, alpha: float, num_generations: int, rows: slice = slice(None)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-rollout advantages (attempt 1, attempt 2). `r1`, `r2`: rewards of every process's rollouts, groups of
+    `num_generations` consecutive rows (baselines need whole groups); `rows`: this process's slice of them."""
+    g1, g2 = turn_returns(r1, r2, stage, alpha)
+    return group_advantages(g1, num_generations)[rows], group_advantages(g2, num_generations)[rows]
+
+
 def score_advantages(
     r1: torch.Tensor,
     r2: torch.Tensor,
@@ -56,12 +77,8 @@ def score_advantages(
     stage: int,
     alpha: float,
     num_generations: int,
-    scale: str = "group",
     rows: slice = slice(None),
 ) -> torch.Tensor:
-    """Per-token advantages. `r1`, `r2`: rewards of every process's rollouts, groups of `num_generations` consecutive
-    rows (baselines need whole groups); `turns`: this process's rows, `rows` their slice of the batch."""
-    g1, g2 = turn_returns(r1, r2, stage, alpha)
-    adv1 = group_advantages(g1, num_generations, scale)[rows]
-    adv2 = group_advantages(g2, num_generations, scale)[rows]
+    """Per-token advantages (B, T) for this process's rollouts (`turns`), from `sequence_advantages`."""
+    adv1, adv2 = sequence_advantages(r1, r2, stage=stage, alpha=alpha, num_generations=num_generations, rows=rows)
     return token_advantages(turns, adv1, adv2)
