@@ -1,6 +1,8 @@
 """Self-Consistency Preference Optimization (Prasad et al., 2024), one iteration at a time.
 
 for k in 1..M:
+    [scpo.new_problems > 0] write new problems few-shot from the seeds,
+        keep those whose k votes agree with share >= τ (§3.1)             -> problems.jsonl
     sample k responses per unlabeled prompt with the current adapter     -> samples.jsonl
     vote: V(y) = #samples whose final answer equals ans(y)               -> votes.jsonl
     pairs: y+ most voted, y- least voted, keep if V(y+) >= τ·k           -> pairs.jsonl
@@ -18,6 +20,7 @@ from typing import Any
 from rewards.answers import extract_answer, parse_gold
 from rewards.votes import build_pair, consistency, majority_answer, vote_counts, vote_threshold_for
 from train.algorithms.dpo_iteration import train_dpo_iteration
+from train.algorithms.problems import generate_problems, training_items
 from train.data import Item, conversation, load_items
 from train.engine import GenParams
 from train.errors import StopRun
@@ -164,7 +167,6 @@ def run_scpo(run: Run) -> None:
     train_items = run.fit_context(train_items, "train", r.sampling.max_tokens)
     eval_items = run.fit_context(eval_items, "eval", r.eval.max_tokens or r.sampling.max_tokens)
     eval_on = r.eval.enabled and bool(eval_items)
-    prompts = {"prompts": items_digest(train_items)}
     eval_inputs = dict(reads=PROMPT_KEYS + ENGINE_KEYS + EVAL_KEYS, values={
         "prompts": items_digest(eval_items), "max_tokens": r.eval.max_tokens or r.sampling.max_tokens})  # fmt: skip
 
@@ -179,13 +181,22 @@ def run_scpo(run: Run) -> None:
         run.write_metrics(0)
     for k in range(1, r.iterations + 1):
         d = run.iter_dir(k)
-        run.phase(k, "generate", d / "samples.jsonl", partial(generate_samples, run, k, train_items), all_ranks=True,
-                  reads=PROMPT_KEYS + ENGINE_KEYS + ("sampling.temperature", "sampling.top_p", "sampling.max_tokens",
-                                                     "scpo.num_samples"), values=prompts, adapter=k - 1)  # fmt: skip
+        tau = vote_threshold_for(k, r.scpo.vote_threshold)
+        sampling = PROMPT_KEYS + ENGINE_KEYS + ("sampling.temperature", "sampling.top_p", "sampling.max_tokens",
+                                                "scpo.num_samples")  # fmt: skip
+        if r.scpo.new_problems:  # the model writes its own problems (train/algorithms/problems.py)
+            run.phase(k, "problems", d / "problems.jsonl", partial(generate_problems, run, k, train_items),
+                      all_ranks=True, adapter=k - 1, values={"prompts": items_digest(train_items), "tau": tau},
+                      reads=sampling + ("scpo.new_problems", "scpo.problem_exemplars", "scpo.problem_candidates",
+                                        "scpo.problem_temperature"))  # fmt: skip
+        items = training_items(run, k, train_items)
+        run.phase(k, "generate", d / "samples.jsonl", partial(generate_samples, run, k, items), all_ranks=True,
+                  reads=sampling, values={"prompts": items_digest(items)},
+                  after=("problems",) if r.scpo.new_problems else (), adapter=k - 1)  # fmt: skip
         run.phase(k, "vote", d / "votes.jsonl", partial(vote, run, k), reads=("data.answer_type",), after=("generate",))
         run.phase(k, "pairs", d / "pairs.jsonl", partial(build_pairs, run, k), after=("generate",),
                   reads=("data.answer_type", "scpo.min_vote_margin", "scpo.semi_supervised", "scpo.pairs_per_prompt"),
-                  values={"vote_threshold": vote_threshold_for(k, r.scpo.vote_threshold)})  # fmt: skip
+                  values={"vote_threshold": tau})  # fmt: skip
         run.phase(k, "train", d / "adapter", partial(train_iteration, run, k), all_ranks=True,
                   reads=TRAIN_KEYS + ("scpo.beta", "scpo.nll_alpha"), after=("pairs",), adapter=k - 1)  # fmt: skip
         if eval_on:

@@ -206,6 +206,19 @@ class ScpoConfig(Section):
     )
     semi_supervised: bool = Field(False, description="Where a gold answer exists, it decides chosen and rejected.")
     pairs_per_prompt: int = Field(1, ge=1, le=MAX_SAMPLES, description="Pairs built per prompt (distinct samples).")
+    new_problems: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="Generated problems to keep per iteration (paper §3.1: the model writes new problems few-shot from "
+        "the seed questions; one is kept when its k votes agree with share ≥ τ). 0 = off: train on the seed prompts.",
+    )
+    seed_problems: bool = Field(True, description="With new_problems > 0, also train on the seed (dataset) prompts.")
+    problem_exemplars: int = Field(4, ge=1, le=64, description="Seed questions shown per problem-writing prompt.")
+    problem_candidates: int = Field(
+        256, ge=1, le=10_000_000, description="Most problems written per iteration while looking for new_problems."
+    )
+    problem_temperature: float = Field(1.0, ge=0.0, description="Sampling temperature when writing problems.")
 
     _fractions = field_validator("vote_threshold")(classmethod(lambda cls, v: _unit_fractions(v)))
 
@@ -343,12 +356,12 @@ class Recipe(Section):
     )
     score: ScoreConfig | None = Field(None, description="SCoRe settings (algorithm: score).")
 
-    @field_validator("output_dir")
+    @field_validator("output_dir", mode="before")
     @classmethod
-    def _output_dir(cls, v: str) -> str:
-        if not v.strip():
+    def _output_dir(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and not v.strip()):  # `output_dir=` or `output_dir=  ` (YAML null)
             raise ValueError("is empty; name the folder the run writes to")
-        if "\0" in v:
+        if isinstance(v, str) and "\0" in v:
             raise ValueError("contains a NUL byte")
         return v
 
