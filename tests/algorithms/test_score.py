@@ -153,16 +153,17 @@ def test_shaping_bonus_reaches_attempt2_tokens_only():
     assert torch.equal(a0[TURNS == ATTEMPT1], a10[TURNS == ATTEMPT1]), "α must not touch attempt-1 tokens"
     assert not torch.equal(a0[TURNS == ATTEMPT2], a10[TURNS == ATTEMPT2])
     assert torch.all(a10[TURNS == INSTRUCTION] == 0)
-    # group 1: r1 = (0, 1), r2 = (1, 1) -> attempt 1 returns r1 + r2 = (1, 2), attempt 2 returns (1 + α, 1)
+    # γ = 0 (SCoRe App. A.2): each attempt carries its own reward
+    # group 1: r1 = (0, 1), r2 = (1, 1) -> attempt 1 returns (0, 1), attempt 2 returns (1 + α, 1)
     assert a10[0, 0] == pytest.approx(-0.5) and a10[1, 0] == pytest.approx(0.5)
     assert a10[0, 3] == pytest.approx(5.0) and a10[1, 3] == pytest.approx(-5.0)
-    # group 2: r1 = (0, 0), r2 = (1, 0) -> attempt 1 returns (1, 0), attempt 2 returns (1 + α, 0)
-    assert a10[2, 0] == pytest.approx(0.5) and a10[3, 0] == pytest.approx(-0.5)
+    # group 2: r1 = (0, 0), r2 = (1, 0) -> attempt 1 returns (0, 0), attempt 2 returns (1 + α, 0)
+    assert a10[2, 0] == 0 and a10[3, 0] == 0
     assert a10[2, 4] == pytest.approx(5.5) and a10[3, 2] == pytest.approx(-5.5)
-    # Stage I (Eq. 3): both attempts carry r(y2); attempt 1 is held near the base by its β2 KL
+    # Stage I (Eq. 3): attempt 1 has no reward term (its β2 KL holds it); attempt 2 is pushed by r(y2) alone
     s1 = adv(1, 10.0)
-    assert s1[0, 0] == 0 and s1[0, 3] == 0 and s1[2, 0] == pytest.approx(0.5) and s1[2, 4] == pytest.approx(0.5)
-    assert s1[3, 0] == pytest.approx(-0.5) and s1[3, 2] == pytest.approx(-0.5)
+    assert torch.all(s1[TURNS == ATTEMPT1] == 0)
+    assert s1[0, 3] == 0 and s1[2, 4] == pytest.approx(0.5) and s1[3, 2] == pytest.approx(-0.5)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0, 10.0])
@@ -173,7 +174,7 @@ def test_bonus_acts_at_its_size(alpha):
     adv1, adv2 = sequence_advantages(r1, r2, stage=2, alpha=alpha, num_generations=2)
     assert adv2[0] - adv2[1] == pytest.approx((1 + alpha) * 1.0)
     assert adv2[2] - adv2[3] == pytest.approx((1 + alpha) * 0.5)
-    assert adv1[0] - adv1[1] == pytest.approx(1.0), "attempt 1 carries r(y1) + r(y2), no bonus"
+    assert adv1[0] - adv1[1] == 0, "attempt 1 carries r(y1) only (γ = 0), no bonus"
     scaled = [group_advantages(r2 + a * (r2 - r1), 2, "group") for a in (0.0, alpha)]
     assert torch.allclose(scaled[0], scaled[1], atol=1e-3), "std scaling cancels α: why SCoRe does not use it"
 

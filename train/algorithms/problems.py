@@ -1,4 +1,5 @@
-"""The model writes its own problems (ScPO, Prasad et al. 2024, §3.1: "unsupervised new problems").
+"""The model writes its own problems (ScPO, Prasad et al. 2024, §2 "Generating New Problems", §3 "Preference
+Training Data").
 
 For iteration k, until `scpo.new_problems` are kept or `scpo.problem_candidates` were tried, in chunks of
 `sampling.batch_size`:
@@ -6,11 +7,13 @@ For iteration k, until `scpo.new_problems` are kept or `scpo.problem_candidates`
     dedupe: a candidate whose normalised text equals a seed's or any earlier iteration's problem is dropped
     vote: k = `scpo.num_samples` answers per candidate, as in the generate phase
     filter: kept only if its most-voted answer has a vote share ≥ τ_k (this iteration's `scpo.vote_threshold`),
-            ScPO's filter for generated problems ("the model's own votes agree enough")
+            ScPO's filter for generated problems (§3: the model's own votes agree enough)
 -> iter_<k>/problems.jsonl: id, prompt, origin ("generated"), vote_share, majority, exemplar ids.
 
-Reading taken: the paper filters generated problems by the same vote-share threshold as the pairs; we apply the
-iteration's τ. Exemplars are sampled with the run's seed and the iteration, so a rerun writes the same prompts.
+Readings taken: the paper filters generated problems by the same vote-share threshold as the pairs; we apply the
+iteration's τ. The paper writes problems with a fixed Llama-3 Instruct 8B; we use the model being trained (the current
+adapter), which keeps the loop self-contained. Exemplars are sampled with the run's seed and the iteration, so a
+rerun writes the same prompts.
 Self-Rewarding's self-instruction creation (Yuan et al. 2024, §3.2) is the same idea with its own filter; it is not
 wired into Meta-/Self-Rewarding yet.
 """

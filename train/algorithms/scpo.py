@@ -2,7 +2,7 @@
 
 for k in 1..M:
     [scpo.new_problems > 0] write new problems few-shot from the seeds,
-        keep those whose k votes agree with share >= τ (§3.1)             -> problems.jsonl
+        keep those whose k votes agree with share >= τ (§2-3)            -> problems.jsonl
     sample k responses per unlabeled prompt with the current adapter     -> samples.jsonl
     vote: V(y) = #samples whose final answer equals ans(y)               -> votes.jsonl
     pairs: y+ most voted, y- least voted, keep if V(y+) >= τ·k           -> pairs.jsonl

@@ -210,7 +210,7 @@ class ScpoConfig(Section):
         0,
         ge=0,
         le=1_000_000,
-        description="Generated problems to keep per iteration (paper §3.1: the model writes new problems few-shot from "
+        description="Generated problems to keep per iteration (paper §2: the model writes new problems few-shot from "
         "the seed questions; one is kept when its k votes agree with share ≥ τ). 0 = off: train on the seed prompts.",
     )
     seed_problems: bool = Field(True, description="With new_problems > 0, also train on the seed (dataset) prompts.")

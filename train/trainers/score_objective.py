@@ -16,17 +16,15 @@ from train.trainers.two_attempts import ATTEMPT1, ATTEMPT2
 
 
 def turn_returns(r1: torch.Tensor, r2: torch.Tensor, stage: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The return each attempt's tokens carry: the rewards that attempt influences (return-to-go, undiscounted).
+    """The return each attempt's tokens carry: its own instantaneous reward (Appendix A.2: every run uses γ = 0).
 
-    Stage I (Eq. 3, max r(y2) − β2·KL on attempt 1): both attempts carry r(y2); y1 shapes y2 through the second
-    prompt, and attempt 1 is held near the base by its β2 KL.
+    Stage I (Eq. 3, max r(y2) − β2·KL on attempt 1): attempt 1 has no reward term, its β2 KL holds it near the base;
+    attempt 2 carries r(y2).
     Stage II (Eq. 4, max r(y1) + r(y2) − β1·KL, with §5.2's bonus α·(r(y2) − r(y1)) added to the second attempt's
-    reward): attempt 2 carries r(y2) + α·(r(y2) − r(y1)); attempt 1 carries r(y1) + r(y2). Reading taken where the
-    paper is silent: the bonus is not propagated to attempt 1, where it would pay −α·r(y1), i.e. reward a worse first
-    attempt, the opposite of the behaviour §5.2 designs it for."""
+    reward): attempt 1 carries r(y1), attempt 2 carries r(y2) + α·(r(y2) − r(y1))."""
     if stage == 1:
-        return r2, r2
-    return r1 + r2, r2 + alpha * (r2 - r1)
+        return torch.zeros_like(r1), r2
+    return r1, r2 + alpha * (r2 - r1)
 
 
 def group_advantages(returns: torch.Tensor, num_generations: int, scale: str = "none") -> torch.Tensor:
