@@ -29,13 +29,27 @@ def _import(path: str) -> tuple[str, Any]:
         return name, getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"reward `{path}`: cannot import ({e})") from None
+    except Exception as e:  # the module itself failed (SyntaxError, an error at import time, a relative name)
+        raise ValueError(f"reward `{path}`: cannot import ({type(e).__name__}: {e})") from None
+
+
+def _callable(name: str) -> tuple[str, Callable[..., Any]]:
+    attr_name, obj = _import(name)
+    if not callable(obj):
+        raise ValueError(f"reward `{name}`: {type(obj).__name__} is not callable")
+    return attr_name, obj
+
+
+def check_reward(name: str) -> None:
+    """Raise ValueError unless `name` is a registered reward or imports as a callable; nothing is built (recipe
+    validation calls it, so a typo fails before any model loads)."""
+    if name not in REWARDS:
+        _callable(name)
 
 
 def make_reward(name: str, **context: Any) -> Reward:
     """Build the reward named in a recipe; `context` goes to the factory (e.g. answer_type=..., generate=...)."""
     if name in REWARDS:
         return REWARDS[name](**context)
-    attr_name, obj = _import(name)
-    if not callable(obj):
-        raise ValueError(f"reward `{name}`: {type(obj).__name__} is not callable")
+    attr_name, obj = _callable(name)
     return obj(**context) if attr_name.startswith("get_") else obj

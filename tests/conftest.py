@@ -20,13 +20,49 @@ def require(module: str) -> None:
         pytest.skip(f"{module} not installed")
 
 
-def require_tool(exe: str, package: str) -> str:
-    """The path of a system tool; skip when it is missing, but fail under CI=true (`.ci/run` installs it)."""
+_APT: dict[str, str | None] = {}  # "update" and each package tried this session -> None if it worked, else why not
+
+
+def _apt(*args: str) -> str | None:
+    """Run `apt-get ARGS` once per session (as root, non-interactive); None if it worked, else why not."""
+    key = " ".join(args)
+    if key not in _APT:
+        import subprocess
+
+        apt = shutil.which("apt-get")
+        if os.geteuid() != 0 or apt is None:
+            _APT[key] = "not root" if apt else "no apt-get"
+        else:
+            env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+            try:
+                res = subprocess.run([apt, *args], capture_output=True, text=True, env=env, timeout=900)
+                why = f"apt-get {key} exited {res.returncode}: {res.stderr[-500:]}"
+                _APT[key] = None if res.returncode == 0 else why
+            except subprocess.TimeoutExpired:
+                _APT[key] = f"apt-get {key} timed out"
+    return _APT[key]
+
+
+def ensure_tool(exe: str, package: str) -> tuple[str | None, str]:
+    """The path of a system tool, installing its Debian package first when it is missing and this session runs as
+    root with apt-get (`apt-get update -qq` once per session, each package tried once); (None, why) otherwise."""
     path = shutil.which(exe)
     if path is None:
+        why = _apt("update", "-qq") or _apt("install", "-y", "-qq", "--no-install-recommends", package)
+        path = shutil.which(exe)
+        if path is None:
+            return None, why or f"apt-get installed {package} but {exe} is not on PATH"
+    return path, ""
+
+
+def require_tool(exe: str, package: str) -> str:
+    """The path of a system tool, installed by `ensure_tool` when it can be; skip when it is missing, but fail under
+    CI=true."""
+    path, why = ensure_tool(exe, package)
+    if path is None:
         if IN_CI:
-            pytest.fail(f"{exe} is required under CI=true (apt-get install {package})")
-        pytest.skip(f"{exe} not installed (apt-get install {package})")
+            pytest.fail(f"{exe} is required under CI=true (apt-get install {package}): {why}")
+        pytest.skip(f"{exe} not installed (apt-get install {package}): {why}")
     return path
 
 
@@ -94,3 +130,37 @@ def slurm_cluster() -> str:
             pytest.fail(f"SLURM is required under CI=true: {why}")
         pytest.skip(f"no SLURM cluster: {why}")
     yield socket.gethostname().split(".")[0]
+
+
+@pytest.fixture
+def cli(capsys):
+    """`selfreward ARGS` in this process, for paths that build no engine and launch nothing (validation and user
+    errors), where `python -m train` would spend ~8 s importing TRL and vLLM again: returns (status, stdout, stderr).
+    `main` installs a SIGTERM handler and a stderr log handler and sets a few environment defaults; they are undone
+    after each call."""
+    import logging
+    import signal
+
+    from train.cli import main
+    from train.runtime import distributed
+
+    def run(*args: str) -> tuple[int, str, str]:
+        log = logging.getLogger("selfreward")
+        saved_log = (log.handlers[:], log.propagate, log.level)
+        saved_env, saved_term = dict(os.environ), signal.getsignal(signal.SIGTERM)
+        saved_timeout = distributed._TIMEOUT_S
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        finally:
+            log.handlers, log.propagate = saved_log[:2]
+            log.setLevel(saved_log[2])
+            signal.signal(signal.SIGTERM, saved_term)
+            distributed._TIMEOUT_S = saved_timeout
+            for key in set(os.environ) - set(saved_env):
+                del os.environ[key]
+            os.environ.update(saved_env)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from train.config import ALGORITHMS, ConfigError, Recipe, load_recipe
+from train.config.preflight import preflight
 
 EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -53,6 +54,11 @@ def cmd_run(recipe: Recipe, redo: list[str] | None = None) -> int:
     from train.loop import Run
 
     run = Run(recipe)
+    if run.is_main:  # the recipe of the last `run` (`eval` leaves it alone); secrets redacted (recipe_to_dict)
+        from train.config import recipe_to_dict
+        from train.runtime.artifacts import write_json
+
+        write_json(run.out / "recipe.json", recipe_to_dict(recipe))
     run.redo = set(redo or [])
     if recipe.logging.wandb and run.is_main:  # one tracker, on rank 0 (it owns wandb_run_id.txt)
         from train.runtime.tracking import Tracker
@@ -86,11 +92,12 @@ def cmd_eval(recipe: Recipe, data: str | None) -> int:
 
     judge = recipe.algorithm in ("meta_rewarding", "self_rewarding")
     if judge:
-        from train.evaluate import judge_agreement
+        from train.evaluate import judge_agreement, read_labelled_pairs
 
         path = data or recipe.meta_rewarding.judge_eval_file
         if not path:
             raise ConfigError("no labelled pairs: set meta_rewarding.judge_eval_file or pass --data FILE.jsonl")
+        read_labelled_pairs(path)  # a bad file fails before output_dir is touched
         measure = lambda run, adapter: judge_agreement(run.sharded_sampler, adapter, path, recipe)  # noqa: E731
     else:
         from train.data import load_items, read_prompt_file
@@ -132,12 +139,28 @@ def cmd_status(target: str, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_validate(args: list[str]) -> int:
+    """`validate R1.yaml [R2.yaml ...] [key.sub=value ...]`: the overrides apply to every recipe. Checks all that
+    `run` checks before writing, except output_dir (the run may happen on another machine)."""
+    overrides = [a for a in args if "=" in a and not Path(a).is_file()]
+    recipes = [a for a in args if a not in overrides]
+    if not recipes:
+        raise ConfigError("validate: no recipe file given (arguments with `=` are overrides)")
+    for path in recipes:
+        preflight(load_recipe(path, overrides), output_dir=False)
+        print(f"ok  {path}")
+    return 0
+
+
 def cmd_docs(out: str | None) -> int:
     from train.config.reference import render_reference
 
     text = render_reference()
     if out:
-        Path(out).write_text(text)
+        try:
+            Path(out).write_text(text)
+        except OSError as e:  # a missing folder, a directory, no permission
+            raise ConfigError(f"docs --out {out}: cannot write ({e.strerror or e})") from None
         print(f"wrote {out}")
     else:
         print(text)
@@ -157,10 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("overrides", nargs="*", help="dotted overrides (with a recipe YAML)")
     ev = sub.add_parser("eval", help="evaluate the base model and every saved iteration adapter")
     ev.add_argument("recipe")
-    ev.add_argument("overrides", nargs="*")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides, as for run")
     ev.add_argument("--data", help="JSONL with `prompt` and `answer` rows (default: the recipe's eval split)")
     val = sub.add_parser("validate", help="check recipes against the schema without running them")
-    val.add_argument("recipes", nargs="+")
+    val.add_argument("recipes", nargs="+", metavar="RECIPE [key.sub=value ...]",
+                     help="recipe files, then dotted overrides (applied to every recipe given)")  # fmt: skip
     docs = sub.add_parser("docs", help="print the recipe key reference (markdown)")
     docs.add_argument("--out")
     rep = sub.add_parser("report", help="write OUTPUT_DIR/report.html (plots, metrics, sample pairs)")
@@ -197,10 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "validate":
-            for path in args.recipes:
-                load_recipe(path)
-                print(f"ok  {path}")
-            return 0
+            return cmd_validate(args.recipes)
         if args.command == "status":
             return cmd_status(args.target, args.overrides)
         if args.command == "docs":
@@ -211,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             print(write_report(args.output_dir))
             return 0
         recipe = load_recipe(args.recipe, args.overrides)
+        preflight(recipe)  # every check that needs no model, before anything is written
         from train.config import check_launch
         from train.runtime import distributed as dist
 

@@ -15,14 +15,20 @@ from train.config import ConfigError, DataConfig
 Item = dict[str, Any]
 
 
-def arithmetic_splits(cfg: DataConfig, seed: int) -> tuple[list[Item], list[Item]]:
-    """Disjoint train/eval sets of `a op b` questions, fixed by the seed."""
-    combos = [(a, b, op) for op in cfg.operators for a in range(cfg.max_a + 1) for b in range(cfg.max_b + 1)]
-    if cfg.num_train + cfg.num_eval > len(combos):
+def check_arithmetic(cfg: DataConfig) -> None:
+    """Enough distinct questions for both splits (checked before the run starts, without enumerating them)."""
+    distinct = len(cfg.operators) * (cfg.max_a + 1) * (cfg.max_b + 1)
+    if cfg.num_train + cfg.num_eval > distinct:
         raise ConfigError(
-            f"data.num_train + data.num_eval = {cfg.num_train + cfg.num_eval} exceeds the {len(combos)} "
+            f"data.num_train + data.num_eval = {cfg.num_train + cfg.num_eval} exceeds the {distinct} "
             "distinct arithmetic questions; raise data.max_a/max_b or lower the counts"
         )
+
+
+def arithmetic_splits(cfg: DataConfig, seed: int) -> tuple[list[Item], list[Item]]:
+    """Disjoint train/eval sets of `a op b` questions, fixed by the seed."""
+    check_arithmetic(cfg)
+    combos = [(a, b, op) for op in cfg.operators for a in range(cfg.max_a + 1) for b in range(cfg.max_b + 1)]
     random.Random(seed).shuffle(combos)
 
     def item(i: int, a: int, b: int, op: str) -> Item:
@@ -33,29 +39,61 @@ def arithmetic_splits(cfg: DataConfig, seed: int) -> tuple[list[Item], list[Item
     return rows[cfg.num_eval :], rows[: cfg.num_eval]
 
 
-def read_prompt_file(path: str, cfg: DataConfig, need_answer: bool) -> list[Item]:
-    """Read a JSONL of prompts; a missing field names the file, row and field."""
+def jsonl_objects(path: str | Path, what: str = "data file") -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a UTF-8 JSONL file; anything else names the file and line."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"data file not found: {path}")
+    try:
+        if p.is_dir():
+            raise ConfigError(f"{path}: a folder, not a {what}")
+        if not p.is_file():
+            raise ConfigError(f"{what} not found: {path}")
+        data = p.read_bytes()
+    except (OSError, ValueError) as e:  # unreadable (permissions, I/O), or a path the OS refuses
+        raise ConfigError(f"{path}: cannot read {what} ({getattr(e, 'strerror', None) or e})") from None
     rows = []
-    with open(p) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"{path}:{n}: each line must be a JSON object")
-            prompt = row.get(cfg.prompt_field)
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ConfigError(f"{path}:{n}: missing field `{cfg.prompt_field}`")
-            answer = row.get(cfg.answer_field)
-            if need_answer and answer is None:
-                raise ConfigError(f"{path}:{n}: missing field `{cfg.answer_field}`")
-            rows.append({"id": str(row.get("id", f"{p.stem}-{n}")), "prompt": prompt, "answer": answer})
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            ) from None
+        if n == 1:
+            line = line.removeprefix("\ufeff")  # a byte-order mark, as some editors write
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}:{n}: invalid JSON (nested too deeply)") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{n}: each line must be a JSON object")
+        rows.append((n, row))
+    return rows
+
+
+def read_prompt_file(path: str, cfg: DataConfig, need_answer: bool) -> list[Item]:
+    """Read a JSONL of prompts; a missing or mistyped field, or an id used twice, names the file, row and field.
+    Ids are the rows' `id` (as text) or `<file stem>-<line>`: votes, pairs and resume are keyed by them."""
+    rows, first_line = [], {}
+    for n, row in jsonl_objects(path):
+        prompt = row.get(cfg.prompt_field)
+        if prompt is None:
+            raise ConfigError(f"{path}:{n}: missing field `{cfg.prompt_field}`")
+        if not isinstance(prompt, str):
+            raise ConfigError(f"{path}:{n}: field `{cfg.prompt_field}` must be a string, not {type(prompt).__name__}")
+        if not prompt.strip():
+            raise ConfigError(f"{path}:{n}: field `{cfg.prompt_field}` is empty")
+        answer = row.get(cfg.answer_field)
+        if need_answer and answer is None:
+            raise ConfigError(f"{path}:{n}: missing field `{cfg.answer_field}`")
+        item_id = str(row.get("id", f"{Path(path).stem}-{n}"))
+        if item_id in first_line:
+            raise ConfigError(f"{path}:{n}: duplicate id `{item_id}` (first on line {first_line[item_id]})")
+        first_line[item_id] = n
+        rows.append({"id": item_id, "prompt": prompt, "answer": answer})
     if not rows:
         raise ConfigError(f"{path}: no prompts")
     return rows

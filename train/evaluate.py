@@ -13,7 +13,6 @@ Labelled rows: {"prompt", "response_a", "response_b", "preferred": "a" | "b"}.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -23,7 +22,7 @@ from rewards.judge import judge_prompt
 from rewards.votes import consistency, majority_answer
 from train.algorithms.self_judge import judge
 from train.config import ConfigError, Recipe
-from train.data import Item, conversation
+from train.data import Item, conversation, jsonl_objects
 from train.engine import GenParams, Sampler
 
 EVAL_KEYS = ("accuracy", "sample_accuracy", "majority_accuracy", "consistency")
@@ -81,20 +80,21 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def read_labelled_pairs(path: str) -> list[dict[str, Any]]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"judge eval file not found: {path}")
+    """The judge eval's labelled pairs; a bad line (not UTF-8, not JSON, a missing or mistyped field) names the file
+    and line."""
     rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for n, row in jsonl_objects(path, "judge eval file"):
         for field in ("prompt", "response_a", "response_b", "preferred"):
             if field not in row:
                 raise ConfigError(f"{path}:{n}: missing field `{field}`")
+        for field in ("prompt", "response_a", "response_b"):
+            if not isinstance(row[field], str):
+                raise ConfigError(f"{path}:{n}: field `{field}` must be a string, not {type(row[field]).__name__}")
         if row["preferred"] not in ("a", "b"):
             raise ConfigError(f"{path}:{n}: `preferred` must be a or b")
         rows.append(row)
+    if not rows:
+        raise ConfigError(f"{path}: no labelled pairs")
     return rows
 
 

@@ -69,13 +69,14 @@ def _is_oom(e: BaseException) -> bool:
 class Run:
     """Everything one `selfreward run` shares across phases: paths, the engine, the tracker."""
 
-    def __init__(self, recipe: Recipe, dry_run: bool = False):
+    def __init__(self, recipe: Recipe, dry_run: bool = False, model_path: str | None = None):
+        """`dry_run`: `selfreward status` (compute each phase's state, run and write nothing). `model_path`: an
+        already resolved model (tests of the bookkeeping pass any string)."""
         self.recipe = recipe
         self.out = Path(recipe.output_dir)
         self.is_main = dist.is_main()
-        self.dry_run = dry_run  # `selfreward status`: compute each phase's state, run and write nothing
-        model_path = None
-        if self.is_main:
+        self.dry_run = dry_run
+        if self.is_main and model_path is None:
             model_path = resolve_model(recipe.model)  # converts the embedded GGUF once, on one rank
         if self.is_main and not dry_run:
             self.out.mkdir(parents=True, exist_ok=True)

@@ -57,8 +57,35 @@ def convert_embedded(dest: Path) -> Path:
     return dest
 
 
+# Files one of which a tokenizer directory holds (fast tokenizer, sentencepiece, BPE/WordPiece vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def check_model(name: str) -> None:
+    """What `resolve_model` checks that needs no download and no conversion (the CLI's preflight): the embedded
+    model's package is installed; a local directory holds config.json, safetensors weights and a tokenizer."""
+    if name == EMBEDDED:
+        embedded_gguf()
+        return
+    try:
+        path = Path(name).expanduser()
+        exists = path.exists()
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: `~user` of no such user
+        raise ConfigError(f"model: not a usable path or hub id: {name} ({e})") from None
+    if exists:
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ConfigError(f"model: {path} is not an HF model directory (no config.json)")
+        if not any(path.glob("*.safetensors")):
+            raise ConfigError(f"model: {path} has no .safetensors weights (pickled .bin weights are never loaded)")
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise ConfigError(f"model: {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    elif name.startswith((".", "/", "~")):
+        raise ConfigError(f"model: path not found: {name}")
+
+
 def resolve_model(name: str) -> str:
     """Return a path or hub id that `from_pretrained` and vLLM accept."""
+    check_model(name)
     if name == EMBEDDED:
         dest = cache_root() / "models" / EMBEDDED
         if not (dest / "model.safetensors").is_file():
@@ -66,21 +93,39 @@ def resolve_model(name: str) -> str:
             convert_embedded(dest)
         return str(dest)
     path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model: {path} is not an HF model directory (no config.json)")
-        return str(path)
-    if name.startswith((".", "/", "~")):
-        raise ConfigError(f"model: path not found: {name}")
-    return name  # a hub id; loading it needs network access
+    return str(path) if path.exists() else name  # else a hub id; loading it needs network access
+
+
+def load_adapter(base: Any, adapter_dir: str | Path, **kwargs: Any) -> Any:
+    """`PeftModel.from_pretrained`, safetensors only: PEFT would fall back to unpickling an `adapter_model.bin`."""
+    from peft import PeftModel
+
+    if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
+        raise ConfigError(f"{adapter_dir}: no adapter_model.safetensors (pickled adapters are never loaded)")
+    return PeftModel.from_pretrained(base, str(adapter_dir), **kwargs)
+
+
+# For base models, which ship no chat template (e.g. Llama-3 8B, ScPO's model): plain "User:"/"Assistant:" turns.
+# The prompt with the generation prompt is a prefix of prompt + answer, as TRL's DPO needs.
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token or '' }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n\n"
+    "{% else %}Assistant: {{ m['content'] }}{{ eos_token }}\n\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):
+    """The model's tokenizer, with a pad token and a chat template (`PLAIN_CHAT_TEMPLATE` when it has none). Every
+    engine and trainer uses this one, so all of them render prompts alike."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = PLAIN_CHAT_TEMPLATE
     return tok
 
 

@@ -1,7 +1,9 @@
 """`selfreward report OUTPUT_DIR`: one self-contained HTML page (plots as base64 PNGs) for any algorithm's run.
 
 Reads metrics.jsonl (or, when it is missing, iter_*/phases/*.json) and a few rows of the pair files. Each plot is
-drawn only when its keys exist, so a partial or unfamiliar run directory yields a shorter page, never an error.
+drawn only when its keys exist, so a partial or unfamiliar run directory yields a shorter page. A torn or non-UTF-8
+metrics.jsonl or recipe.json (the page's own data) is a one-line error naming the file and line; a bad line of a
+sample file or a phase record is skipped.
 """
 
 from __future__ import annotations
@@ -46,11 +48,33 @@ SAMPLE_FILES = ("pairs.jsonl", "actor_pairs.jsonl", "judge_pairs.jsonl", "eval_r
 SAMPLE_ROWS, CELL_CHARS = 5, 400
 
 
+def _text(path: Path) -> str:
+    """A file's text; not UTF-8 (or unreadable) is a ConfigError naming the file and line."""
+    try:
+        data = path.read_bytes()
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _json(text: str, path: Path, line: int = 1) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{line + e.lineno - 1}: invalid JSON ({e.msg}); torn or edited by hand?") from None
+    except RecursionError:
+        raise ConfigError(f"{path}:{line}: invalid JSON (nested too deeply)") from None
+
+
 def load_rows(out: Path) -> list[Row]:
     """metrics.jsonl rows; without one, the same rows rebuilt from the per-phase records."""
     path = out / "metrics.jsonl"
     if path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = _text(path).split("\n")
+        rows = [_json(line, path, n) for n, line in enumerate(lines, 1) if line.strip()]
         return [r for r in rows if isinstance(r, dict)]
     rows = []
     for it in sorted(out.glob("iter_*"), key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else -1):
@@ -59,8 +83,10 @@ def load_rows(out: Path) -> list[Row]:
         row: Row = {"iteration": int(it.name[5:])}
         for ph in sorted((it / "phases").glob("*.json")):
             try:
-                rec = json.loads(ph.read_text())
-            except (OSError, json.JSONDecodeError):
+                rec = json.loads(ph.read_text(encoding="utf-8"))
+            except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or bytes that are not UTF-8
+                continue
+            if not isinstance(rec, dict):
                 continue
             row |= {f"{ph.stem}/{k}": v for k, v in (rec.get("metrics") or {}).items()}
             if isinstance(rec.get("seconds"), (int, float)):
@@ -242,13 +268,13 @@ def sample_tables(out: Path) -> list[tuple[str, str]]:
         if path is None:
             continue
         rows = []
-        with open(path) as f:
+        with open(path, "rb") as f:
             for line in f:
                 if len(rows) >= SAMPLE_ROWS:
                     break
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
+                    row = json.loads(line.decode("utf-8"))
+                except (ValueError, RecursionError):  # a torn line or bytes that are not UTF-8: skipped
                     continue
                 if isinstance(row, dict):
                     rows.append({k: _prompt_text(v) if k == "prompt" else v for k, v in row.items()})
@@ -273,10 +299,7 @@ def render(out: Path) -> str:
     rows = load_rows(out)
     recipe: Row = {}
     if (out / "recipe.json").is_file():
-        try:
-            recipe = json.loads((out / "recipe.json").read_text())
-        except json.JSONDecodeError:
-            recipe = {}
+        recipe = _json(_text(out / "recipe.json"), out / "recipe.json")
     title = f"selfreward report: {out.name}"
     algo = recipe.get("algorithm", "?") if isinstance(recipe, dict) else "?"
     model = recipe.get("model", "?") if isinstance(recipe, dict) else "?"
@@ -308,6 +331,10 @@ def write_report(output_dir: str | Path) -> Path:
         raise ConfigError(f"output dir not found: {out}")
     path = out / "report.html"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render(out), encoding="utf-8")
-    tmp.replace(path)
+    page = render(out)
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot write the report ({e.strerror or e})") from None
     return path

@@ -227,3 +227,29 @@ def test_rows_and_empty_pairs(tiny_model_dir, tmp_path):
             nll_alpha=0.0,
             trainer_overrides={},
         )
+
+
+def test_base_model_without_chat_template_trains(tiny_model_dir, tmp_path):
+    """Base models (ScPO's Llama-3 8B) ship no chat template: engines and trainers share a plain one."""
+    import json
+    import shutil
+
+    from train.engine import render_prompts
+    from train.models import PLAIN_CHAT_TEMPLATE, load_tokenizer
+    from train.trainers.weighted_dpo import train_dpo
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    tok = load_tokenizer(str(base))
+    assert tok.chat_template == PLAIN_CHAT_TEMPLATE
+    prompt = render_prompts(tok, [[{"role": "user", "content": "What is 2 + 2?"}]])[0]
+    assert tok.decode(prompt, skip_special_tokens=True) == "User: What is 2 + 2?\n\nAssistant:"
+    pairs = [{"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}] * 2
+    metrics = train_dpo(str(base), pairs, str(tmp_path / "out"), init_adapter=None,
+                        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"]}, beta=0.1, nll_alpha=0.0,
+                        trainer_overrides={"max_steps": 1, "per_device_train_batch_size": 2})  # fmt: skip
+    assert metrics["steps"] == 1 and (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()

@@ -127,21 +127,18 @@ def test_server_engine_samples_and_hot_swaps_adapters(vllm_server, tiny_model_di
     assert [o[0].token_ids for o in hf.generate(CONVS, greedy)] == with_a1
 
 
-def test_no_server_is_a_clear_stop(tiny_model_dir, tmp_path):
-    # Nothing listens on this port: the run stops with one line naming the key, within the timeout.
+def test_no_server_is_a_clear_stop(tiny_model_dir, tmp_path, cli, monkeypatch):
+    # Nothing listens on this port: the run stops with one line naming the key, within the timeout. In process (the
+    # `cli` fixture): the server engine is an HTTP client, nothing to start.
     port = _free_port()
-    root = Path(__file__).resolve().parents[2]
-    env = os.environ | {"PYTHONPATH": str(root)}
-    res = subprocess.run(
-        [sys.executable, "-m", "train", "run", "recipes/scpo/smollm2-135m-cpu.yaml", f"model={tiny_model_dir}",
-         f"output_dir={tmp_path}/o", "sampling.engine=server", f"sampling.server_url=http://127.0.0.1:{port}",
-         "sampling.server_timeout_s=3", "max_prompts=2"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=root,
-    )  # fmt: skip
-    assert res.returncode == 1, res.stderr[-2000:]
-    line = next(ln for ln in res.stderr.splitlines() if ln.startswith("selfreward: stopped:"))
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    code, _, err = cli("run", "recipes/scpo/smollm2-135m-cpu.yaml", f"model={tiny_model_dir}", f"output_dir={tmp_path}/o",
+                       "sampling.engine=server", f"sampling.server_url=http://127.0.0.1:{port}",
+                       "sampling.server_timeout_s=3", "max_prompts=2")  # fmt: skip
+    assert code == 1, err[-2000:]
+    line = next(ln for ln in err.splitlines() if ln.startswith("selfreward: stopped:"))
     assert "no vLLM server to sample from" in line and f"sampling.server_url (now http://127.0.0.1:{port})" in line
-    assert "Traceback" not in res.stderr
+    assert "Traceback" not in err
 
 
 # ---- the client against a scripted stand-in for `vllm serve` (fast: no model, no vLLM) ------------------------------

@@ -198,3 +198,67 @@ def test_two_process_vllm_run_with_evaluation_on_every_rank(tmp_path, smollm2_di
         assert ev["n"] == 6 and 0.0 <= ev["accuracy"] <= 1.0, ev  # both shards gathered: 3 prompts per rank
     assert (out / "iter_2" / "adapter" / "adapter_model.safetensors").is_file()
     assert res.stderr.count("iter 2: eval took") == 1 and res.stdout.count("Held-out evaluation") == 1
+
+
+CHUNK_PROBE = """
+import json, sys
+from pathlib import Path
+from train.runtime import distributed as dist
+from train.runtime.artifacts import ChunkLog, map_chunked
+out, units = Path(sys.argv[1]), [f"p{i}" for i in range(13)]
+log = ChunkLog(out / "s.jsonl", lambda r: r["prompt_id"], need=2, shard=dist.rank(), num_shards=dist.world_size())
+calls = []
+def work(chunk):
+    calls.append(len(chunk))
+    return [{"prompt_id": p, "sample": j, "by": f"{dist.rank()}/{dist.world_size()}"} for p in chunk for j in range(2)], None
+map_chunked(log, units, str, 2, work)
+if dist.is_main():
+    done, _ = log.collect()
+    log.finish([r for u in units for r in done[u]])
+(out / f"calls{dist.rank()}.json").write_text(json.dumps(calls))
+dist.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_chunked_work_resumes_across_rank_counts(tmp_path):
+    """Partial work (ChunkLog + map_chunked) made by 1 process, then 2 ranks, then 1, each killed (SIGKILL) halfway
+    through a chunk append, is finished by 2 ranks: every unit published once, none redone, and the ranks call
+    `work` in lockstep although rank 1 has fewer chunks left than rank 0."""
+    from train.runtime.artifacts import ChunkLog
+
+    script = tmp_path / "probe.py"
+    script.write_text(CHUNK_PROBE)
+    units = [f"p{i}" for i in range(13)]
+    env = os.environ | {"PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+
+    def launch(processes: int, fault: str | None) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(script), str(tmp_path)]
+        if processes > 1:
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/cpu.yaml",
+                   "--num_processes", str(processes), *cmd[1:]]  # fmt: skip
+        extra = {"SELFREWARD_FAULT": fault} if fault else {}
+        return subprocess.run(cmd, cwd=ROOT, env=env | extra, capture_output=True, text=True, timeout=600)
+
+    def done() -> set[str]:
+        return ChunkLog(tmp_path / "s.jsonl", lambda r: r["prompt_id"], need=2, shard=99).done  # shard 99: reads only
+
+    progress = []
+    for processes in (1, 2, 1):
+        res = launch(processes, "chunk_append@2")
+        assert res.returncode != 0 and not (tmp_path / "s.jsonl").exists(), res.stderr[-3000:]
+        progress.append(done())
+        assert len(progress) == 1 or progress[-1] > progress[-2], "every run finished a chunk before its kill"
+    left = [u for u in units if u not in progress[-1]]
+    shards = [[u for i, u in enumerate(units) if i % 2 == r and u in left] for r in (0, 1)]  # what each rank has left
+    rounds = max(-(-len(s) // 2) for s in shards)
+    want = [[len(s[i * 2 : i * 2 + 2]) for i in range(rounds)] for s in shards]
+    res = launch(2, None)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [json.loads((tmp_path / f"calls{r}.json").read_text()) for r in (0, 1)] == want
+    assert want[0] != want[1] and 0 in want[1], f"the test wants uneven shards: {want}"
+    rows = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert [(r["prompt_id"], r["sample"]) for r in rows] == [(u, j) for u in units for j in range(2)]
+    assert {r["by"] for r in rows} == {"0/1", "0/2", "1/2"}
+    assert not list(tmp_path.glob("*.partial"))

@@ -179,19 +179,15 @@ def test_engine_wakes_after_the_finished_trainer_is_freed(tiny_model_dir, tmp_pa
     assert events == ["empty_cache", "wake_up with 0 trainers alive"]
 
 
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(ROOT)} | env
-    return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-
-
-def test_tensor_parallel_with_several_processes_is_refused(tmp_path):
-    # WORLD_SIZE=2 is what accelerate launch sets; the check runs before any process group exists.
-    res = _cli(["run", "recipes/scpo/smollm2-135m-cpu.yaml", f"output_dir={tmp_path / 'o'}",
-                "sampling.tensor_parallel_size=2"], {"WORLD_SIZE": "2"})  # fmt: skip
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert res.stderr.strip().splitlines()[-1].startswith("selfreward: error: sampling.tensor_parallel_size=2 with 2")
-    assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()
+def test_tensor_parallel_with_several_processes_is_refused(tmp_path, cli, monkeypatch):
+    # WORLD_SIZE=2 is what accelerate launch sets; the check runs before any process group exists (so in process).
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = cli("run", "recipes/scpo/smollm2-135m-cpu.yaml", f"output_dir={tmp_path / 'o'}",
+                       "sampling.tensor_parallel_size=2")  # fmt: skip
+    assert code == 2, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("selfreward: error: sampling.tensor_parallel_size=2 with 2")
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, ensure_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = {"dpo_iter1", "dpo_iter2", "score_stage1", "zero3"}
@@ -20,9 +19,10 @@ STAGES = {"dpo_iter1", "dpo_iter2", "score_stage1", "zero3"}
 @pytest.mark.slow
 def test_gpu_smoke_dry_run(tmp_path):
     # ZeRO-3 on CPU needs DeepSpeed and a C++ compiler (its comm op JIT-builds once, then is cached); CI has both.
-    zero3_possible = importlib.util.find_spec("deepspeed") is not None and shutil.which("g++") is not None
+    gxx, why = ensure_tool("g++", "g++")  # installed here when missing, as root with apt-get
+    zero3_possible = importlib.util.find_spec("deepspeed") is not None and gxx is not None
     if IN_CI:
-        assert zero3_possible, "CI installs deepspeed (scripts/setup.sh) and g++ (.ci/run)"
+        assert zero3_possible, f"CI installs deepspeed (scripts/setup.sh) and g++ (.ci/run, or here): {why}"
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "scripts" / "gpu_smoke.py"), "--tiny", "--out", str(out)]
     res = subprocess.run(

@@ -274,10 +274,22 @@ def test_template_single_process_runs_the_cli(fake_slurm):
     assert not [c for c in calls if c.startswith("srun")]
     env["FAKE_RC"] = "2"  # the run's exit status is the job's
     assert _template(env, RECIPE).returncode == 2
-    env["SELFREWARD_COMMAND"] = "validate"  # validate takes no overrides
+    env["SELFREWARD_COMMAND"] = "validate"  # validate takes overrides too
     log.write_text("")
     assert _template(env, RECIPE, "iterations=1").returncode == 2
-    assert f"python -m train validate {RECIPE}" in log.read_text().splitlines()
+    assert f"python -m train validate {RECIPE} iterations=1" in log.read_text().splitlines()
+
+
+def test_template_log_hides_token_values(fake_slurm):
+    env, log = fake_slurm
+    secret = "hf_SECRETsecret123"
+    res = _template(
+        env, RECIPE, f"trainer.hub_token={secret}", "trainer.wandb_api_key=k3y", "sampling.server_api_key_env=K"
+    )
+    assert res.returncode == 0, res.stderr
+    assert secret not in res.stderr and "k3y" not in res.stderr, res.stderr
+    assert "trainer.hub_token=<redacted> trainer.wandb_api_key=<redacted> sampling.server_api_key_env=K" in res.stderr
+    assert f"trainer.hub_token={secret}" in log.read_text(), "the run itself still gets the value"
 
 
 def test_template_multi_node_launch_line(fake_slurm):
@@ -393,7 +405,7 @@ def test_template_vllm_node_reads_overrides(fake_server_node):
     res = _template(env, RECIPE)
     assert res.returncode == 2 and "set VLLM_SERVER_HOST" in res.stderr and "srun" not in log.read_text()
     res = _template(env, RECIPE, "lora.r=1000")
-    assert res.returncode == 2 and "largest LoRA rank" in res.stderr
+    assert res.returncode == 2 and "`lora.r`: Input should be less than or equal to 512" in res.stderr  # the schema's
 
 
 def _wait_for(path: Path, timeout: float) -> None:

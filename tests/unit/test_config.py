@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -78,10 +76,6 @@ def test_missing_required_and_bad_yaml(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
 
 
-def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "train", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -94,26 +88,29 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         ),
     ],
 )
-def test_cli_user_errors_exit_2_one_line_no_traceback(args, needle, tmp_path):
-    res = _cli(*args, f"output_dir={tmp_path}/out" if args[0] == "run" and len(args) > 2 else "output_dir=x")
-    assert res.returncode == 2, res.stderr
-    errors = [line for line in res.stderr.splitlines() if line.startswith("selfreward: error:")]
-    assert len(errors) == 1 and needle in errors[0], res.stderr
-    assert "Traceback" not in res.stderr
+def test_cli_user_errors_exit_2_one_line_no_traceback(args, needle, tmp_path, cli, monkeypatch):
+    # In process (the `cli` fixture): an uncaught exception would fail the test here, as a traceback would below.
+    monkeypatch.chdir(ROOT)
+    code, _, err = cli(*args, f"output_dir={tmp_path}/out" if args[0] == "run" and len(args) > 2 else "output_dir=x")
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("selfreward: error:")]
+    assert len(errors) == 1 and needle in errors[0], err
+    assert "Traceback" not in err
 
 
-def test_dataset_row_missing_field_names_row_and_field(tmp_path):
+def test_dataset_row_missing_field_names_row_and_field(tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(ROOT)
     data = tmp_path / "train.jsonl"
     data.write_text('{"prompt": "What is 1 + 1?"}\n{"question": "no prompt key"}\n')
-    res = _cli(
+    code, _, err = cli(
         "run",
         "recipes/scpo/smollm2-135m-cpu.yaml",
         "data.source=jsonl",
         f"data.train_file={data}",
         f"output_dir={tmp_path}/out",
     )
-    assert res.returncode == 2
-    assert f"{data}:2: missing field `prompt`" in res.stderr
+    assert code == 2, err
+    assert f"{data}:2: missing field `prompt`" in err
 
 
 def test_reference_doc_is_current():

@@ -68,7 +68,8 @@ def shaping_alpha(alpha: float, reward: Any, stage: int) -> float:
     self-judged reward (`self_judged`, e.g. `self_verify`) it would pay the policy for flipping its own verdict."""
     if stage == 2 and alpha and getattr(reward, "self_judged", False):
         logging.getLogger("selfreward").warning(
-            "score.alpha=%s ignored: the reward is judged by the policy itself, so Stage II gets no shaping bonus", alpha
+            "score.alpha=%s ignored: the reward is judged by the policy itself, so Stage II gets no shaping bonus",
+            alpha,
         )
         return 0.0
     return alpha

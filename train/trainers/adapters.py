@@ -55,7 +55,8 @@ def adapter_state(model: Any) -> dict[str, torch.Tensor]:
 
 def publish_adapter(trainer: Any, dest: Path) -> None:
     """Write the trainer's "default" adapter to `dest` atomically, once (rank 0). Every rank must call it; each
-    returns after `dest` is complete."""
+    returns after `dest` is complete. `commit_dir` fsyncs the saved files before the rename, so a power loss never
+    leaves `dest` naming a truncated `adapter_model.safetensors` (and `Run.adapter` refuses one that is)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     state = adapter_state(model)
     if trainer.accelerator.is_main_process:

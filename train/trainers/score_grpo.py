@@ -35,7 +35,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import use_adapter
 
 from train.engine import GenParams, Sampler
-from train.models import describe_dtypes, lora_config
+from train.models import describe_dtypes, load_tokenizer, lora_config
 from train.runtime import distributed as dist
 from train.runtime.artifacts import write_jsonl
 from train.trainers.adapters import gathered, publish_adapter
@@ -262,6 +262,7 @@ def build_trainer(
         model=model_path,
         reward_funcs=[turn_reward(reward, 1), turn_reward(reward, 2)],
         args=config,
+        processing_class=load_tokenizer(model_path, trust_remote_code),  # the engines' template, base models too
         train_dataset=Dataset.from_list(rows),
         peft_config=peft_config,
         rollout_func=TwoAttemptRollout(sampler, instruction, gen, out_dir / "rollout_adapter"),

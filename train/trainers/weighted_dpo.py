@@ -23,7 +23,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import create_model_from_path
 
 from train.errors import NonFiniteLossError
-from train.models import describe_dtypes, lora_config
+from train.models import describe_dtypes, load_adapter, load_tokenizer, lora_config
 from train.runtime import distributed as dist
 from train.trainers.adapters import publish_adapter
 from train.trainers.checkpoints import last_complete_checkpoint
@@ -191,7 +191,7 @@ def train_dpo(
     else:  # continue the previous adapter (its own LoRA config); TRL copies it to a frozen "ref" adapter
         init_kwargs = {"trust_remote_code": trust_remote_code, **config.model_init_kwargs}
         config.model_init_kwargs = None  # used here; TRL would warn that it ignores them
-        model = PeftModel.from_pretrained(
+        model = load_adapter(
             create_model_from_path(model_path, **init_kwargs),
             init_adapter,
             is_trainable=True,
@@ -200,7 +200,11 @@ def train_dpo(
             autocast_adapter_dtype=not is_deepspeed_zero3_enabled(),
         )
     trainer = WeightedDPOTrainer(
-        model=model, args=config, train_dataset=Dataset.from_list(_rows(pairs)), peft_config=peft_config
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(_rows(pairs)),
+        peft_config=peft_config,
+        processing_class=load_tokenizer(model_path, trust_remote_code),  # the engines' template, base models too
     )
     if trainer.accelerator.is_main_process:
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
