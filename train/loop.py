@@ -287,7 +287,7 @@ class Run:
                 partial.unlink()
             for leftover in ("checkpoints", "rollouts", "rollout_adapter") if name == "train" else ():
                 shutil.rmtree(artifact.parent / leftover, ignore_errors=True)
-        write_json(recorded, {"fingerprint": fingerprint, "inputs": inputs})
+            write_json(recorded, {"fingerprint": fingerprint, "inputs": inputs})  # a resumed phase keeps its record
 
     def _oom_advice(self, k: int, name: str, e: BaseException) -> str:
         t = self.recipe.trainer

