@@ -266,7 +266,11 @@ class Run:
         if redone:
             return "stale", f"input {redone[0][1:]} was redone"
         if not recorded.exists():
-            return "stale", "no record of its inputs (made by an older selfreward)"
+            # Made by a selfreward before phases recorded their inputs, or placed by hand: adopt it and record the
+            # inputs now (resuming an older run after an upgrade keeps its work; later edits are then detected).
+            if not self.dry_run:
+                write_json(recorded, {"fingerprint": digest(inputs), "inputs": inputs})
+            return "done", "adopted: no record of its inputs, recorded now"
         old = read_json(recorded)
         if old.get("fingerprint") == digest(inputs):
             return "done", ""
