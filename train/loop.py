@@ -135,6 +135,10 @@ class Run:
                 ) from e
         return self._sampler
 
+    def sample_with(self, k: int) -> None:
+        """Load the adapter iteration k published into the engine (the base model for k = 0)."""
+        self.sampler.set_adapter(str(self.adapter(k)) if self.adapter(k) else None)
+
     @property
     def sharded_sampler(self) -> Sampler:
         """The engine, sampling this rank's shard of every call (evaluation: all ranks share the work)."""

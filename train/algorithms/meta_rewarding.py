@@ -51,11 +51,6 @@ def _rank_log(path: Path, key: Any, need: int = 1) -> ChunkLog:
     return ChunkLog(path, key, need, shard=dist.rank(), num_shards=dist.world_size())
 
 
-def _use_adapter(run: Run, k: int) -> None:
-    """Load the adapter iteration k sampled with (iteration k-1's), or the base model."""
-    run.sampler.set_adapter(str(run.adapter(k - 1)) if run.adapter(k - 1) else None)
-
-
 def generate_responses(run: Run, k: int, items: list[dict[str, Any]]) -> dict[str, Any]:
     """K responses per prompt. Data-parallel (each rank samples its shard of prompts) and crash-safe: every chunk of
     `sampling.batch_size` prompts is appended to the rank's partial file once sampled, and a rerun samples only the
@@ -86,12 +81,9 @@ def generate_responses(run: Run, k: int, items: list[dict[str, Any]]) -> dict[st
         ]
         return rows, None
 
-    map_chunked(log, items, lambda it: it["id"], r.sampling.batch_size, work, start=partial(_use_adapter, run, k))
-    rows: list[dict[str, Any]] = []
-    if dist.is_main():  # rank 0's metrics are the phase's
-        done, _ = log.collect()
-        rows = [row for it in items for row in done[it["id"]]]
-        log.finish(rows)
+    map_chunked(log, items, lambda it: it["id"], r.sampling.batch_size, work, start=partial(run.sample_with, k - 1))
+    # rank 0's metrics are the phase's
+    rows = log.finish_in_order([it["id"] for it in items]) if dist.is_main() else []
     return {
         "responses": len(rows),
         "mean_length": mean(x["length"] for x in rows) if rows else 0.0,
@@ -130,7 +122,7 @@ def judge_responses(run: Run, k: int) -> dict[str, Any]:
             )
         return rows, {"forced": forced}
 
-    map_chunked(log, responses, unit, run.recipe.sampling.batch_size, work, start=partial(_use_adapter, run, k))
+    map_chunked(log, responses, unit, run.recipe.sampling.batch_size, work, start=partial(run.sample_with, k - 1))
     rows, forced = [], 0
     if dist.is_main():  # rank 0's metrics are the phase's
         done, metas = log.collect()
@@ -207,7 +199,7 @@ def build_judge_pairs(run: Run, k: int) -> dict[str, Any]:
         rows = [{"prompt_id": p, "a": a, "b": b, "winner": w} for (p, a, b, _), w in zip(chunk, verdicts)]
         return rows, {"forced": forced}
 
-    map_chunked(log, jobs, unit, run.recipe.sampling.batch_size, work, start=partial(_use_adapter, run, k))
+    map_chunked(log, jobs, unit, run.recipe.sampling.batch_size, work, start=partial(run.sample_with, k - 1))
     if not dist.is_main():
         return {}  # rank 0's metrics are the phase's
     done, metas = log.collect()

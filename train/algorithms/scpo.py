@@ -65,15 +65,9 @@ def generate_samples(run: Run, k: int, items: list[Item]) -> dict[str, Any]:
         ]
         return rows, None
 
-    def use_adapter() -> None:
-        run.sampler.set_adapter(str(run.adapter(k - 1)) if run.adapter(k - 1) else None)
-
-    map_chunked(log, items, lambda it: it["id"], r.sampling.batch_size, work, start=use_adapter)
-    rows: list[dict[str, Any]] = []
-    if dist.is_main():  # rank 0's metrics are the phase's
-        done, _ = log.collect()
-        rows = [row for it in items for row in done[it["id"]]]
-        log.finish(rows)
+    map_chunked(log, items, lambda it: it["id"], r.sampling.batch_size, work, start=partial(run.sample_with, k - 1))
+    # rank 0's metrics are the phase's
+    rows = log.finish_in_order([it["id"] for it in items]) if dist.is_main() else []
     return {
         "samples": len(rows),
         "answer_rate": mean(row["answer"] is not None for row in rows) if rows else 0.0,

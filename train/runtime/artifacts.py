@@ -346,6 +346,13 @@ class ChunkLog:
             _fsync_dir(self.partial.parent)
         self.done |= set(self._complete(rows))
 
+    def finish_in_order(self, keys: list[Hashable]) -> list[dict[str, Any]]:
+        """Publish every unit's rows in `keys` order (rank 0, after all ranks' chunks are written); returns them."""
+        done, _ = self.collect()
+        rows = [row for key in keys for row in done[key]]
+        self.finish(rows)
+        return rows
+
     def finish(self, rows: list[dict[str, Any]]) -> None:
         """Publish the artifact (rank 0). Inside a phase the publish is staged, and the partial files stay until
         `Run.phase` has written the metrics and published; outside one, they go now."""
