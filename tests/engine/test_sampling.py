@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.conftest import require
@@ -58,7 +60,15 @@ def test_vllm_engine_hot_swaps_adapters(tiny_model_dir, tmp_path):
     require("vllm")
     from train.engine import VLLMSampler
 
-    s = VLLMSampler(tiny_model_dir, SamplingConfig(max_model_len=256, kv_cache_gib=0.25), lora_rank=8, seed=0)
+    # float32 on both engines: the claim is that they agree token for token (bf16 is the CPU default where native)
+    import psutil
+
+    cfg = SamplingConfig(max_model_len=256, kv_cache_gib=0.25, dtype="float32")
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    s = VLLMSampler(tiny_model_dir, cfg, lora_rank=8, seed=0)
+    # on CPU the engine runs in this process (no engine-core or worker process to spawn, import and pin to a core)
+    spawned = [c.name() for c in psutil.Process().children(recursive=True) if c.pid not in before]
+    assert not spawned and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0", spawned
     greedy = GenParams(n=1, temperature=0.0, max_tokens=8)
     base = [o[0].token_ids for o in s.generate(CONVS, greedy)]
     out = s.generate(CONVS, GenParams(n=4, temperature=1.0, max_tokens=8))

@@ -90,7 +90,9 @@ def test_plugin_is_registered_and_replaces_the_cpu_ops(monkeypatch):
 @pytest.mark.integration
 def test_engine_processes_die_with_a_killed_parent(tiny_model_dir, tmp_path):
     # SIGKILL (the OOM killer, a hard preemption) gives the run no chance to stop its engine; the plugin's
-    # parent-death signal must take the engine core and its worker down too.
+    # parent-death signal must take the engine core and its worker down too. The CPU default is an in-process engine
+    # (`cpu_engine_settings`), so this asks for vLLM's multiprocess engine, which GPU runs and users who set
+    # VLLM_ENABLE_V1_MULTIPROCESSING=1 get.
     import os
     import signal
     import subprocess
@@ -110,7 +112,7 @@ def test_engine_processes_die_with_a_killed_parent(tiny_model_dir, tmp_path):
         f"    open({str(ready)!r}, 'w').close()\n"
         "    time.sleep(600)\n"
     )
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300

@@ -31,6 +31,23 @@ def configure(timeout_s: float) -> None:
     _TIMEOUT_S = timeout_s
 
 
+def share_cpu_threads() -> int | None:
+    """On a CPU launch of several ranks on one machine, give each rank its share of the cores for torch (trainer and
+    in-process vLLM engine alike); torch's default is every core per rank, so N ranks oversubscribe the machine
+    N-fold. An explicit OMP_NUM_THREADS wins; one process keeps torch's default. Returns the count set, or None."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // local)
+    torch.set_num_threads(threads)
+    return threads
+
+
 @cache
 def _state():
     import datetime
