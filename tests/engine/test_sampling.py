@@ -58,11 +58,11 @@ def test_hf_engine_shapes_and_adapter_swap(tiny_model_dir, tmp_path):
 @pytest.mark.integration
 def test_vllm_engine_hot_swaps_adapters(tiny_model_dir, tmp_path):
     require("vllm")
+    import psutil
+
     from train.engine import VLLMSampler
 
     # float32 on both engines: the claim is that they agree token for token (bf16 is the CPU default where native)
-    import psutil
-
     cfg = SamplingConfig(max_model_len=256, kv_cache_gib=0.25, dtype="float32")
     before = {c.pid for c in psutil.Process().children(recursive=True)}
     s = VLLMSampler(tiny_model_dir, cfg, lora_rank=8, seed=0)
