@@ -69,7 +69,12 @@ def judge_prompt(prompt: str, response: str) -> str:
 
 
 def meta_judge_prompt(prompt: str, response: str, judgement_a: str, judgement_b: str) -> str:
-    """The Meta-Rewarding meta-judge prompt: judgement_a is shown first, judgement_b second."""
+    """The Meta-Rewarding meta-judge prompt: judgement_a is shown first, judgement_b second.
+
+    Both judgements go in as the judge wrote them, "Score: X" included: the paper's Figure 2 template inserts the
+    judgements whole, and its Table 5 measures how often the meta-judge prefers the higher-scoring one. Stripping the
+    scores (as NeMo-Aligner's unmerged trainer does) is a different method, not the paper's.
+    """
     return META_JUDGE_PROMPT.format(prompt=prompt, response=response, judgement_a=judgement_a, judgement_b=judgement_b)
 
 

@@ -1,8 +1,16 @@
 """Pair selection for Self-Rewarding (Yuan et al., 2024) and Meta-Rewarding (Wu et al., 2024): pure numerics.
 
-Actor pairs: best vs worst mean judge score, optionally length-controlled (Meta-Rewarding §2.3).
-Judge pairs: the meta-judge compares judgements of one response in both orders; wins are debiased for
-position (§2.2), turned into Elo ratings, and the best- vs worst-rated judgement form a pair.
+Actor pairs: best vs worst mean judge score, optionally length-controlled (Meta-Rewarding §2.1).
+Judge pairs (§2.2): the meta-judge compares the scored judgements of one response in both orders; wins are
+debiased for position, turned into Elo ratings, and the best- vs worst-rated judgement form a pair, which is dropped
+when the chosen judgement is over-long.
+
+What the paper does NOT do, though NeMo-Aligner's unmerged Meta-Rewarding trainer does (issue 14, item 4): require
+the two judgements of a pair to differ in score, strip "Score: X" from judgements before meta-judging, or cap the
+share of judge pairs in a batch (`meta_judge_pcnt`) and balance them by chosen score. The paper meta-judges
+same-score judgement pairs (Table 5, "Meta-Judge Biases", measures its positional bias on exactly those), shows it the
+judgements as written (Figure 2; Table 5's score bias is its preference for the higher-scoring judgement), and makes at
+most one judge pair per prompt (one response per prompt is meta-judged). The pipeline follows the paper on all three.
 """
 
 from __future__ import annotations
@@ -80,17 +88,32 @@ def elo_scores(B: np.ndarray, iters: int = 200, lr: float = 0.1) -> np.ndarray:
     return eps - eps.mean()
 
 
-def select_judge_pair(
-    judgements: list[str], scores: list[float | None], elo: np.ndarray, max_chars: int
-) -> dict | None:
-    """Judge pair (Meta-Rewarding §2.2): highest- vs lowest-Elo judgement among the usable ones.
+def meta_judge_candidates(scores: list[float | None]) -> list[int]:
+    """Indices of the judgements the meta-judge compares: those with a parsed score (Meta-Rewarding §2.1-2.2).
 
-    Judgements longer than max_chars or without a parsed score are dropped (the paper drops over-long and
-    invalid judgements). None when fewer than two remain or their ratings are all equal.
+    §2.1 discards judgements whose score cannot be parsed, so §2.2 meta-judges at most N judgements of a response;
+    an unparsed judgement never takes part in a battle, so it cannot move the others' Elo ratings either. Length
+    plays no part here: the paper's length filter acts on the chosen judgement of the finished pair
+    (`select_judge_pair`).
+    """
+    return [i for i, s in enumerate(scores) if s is not None]
+
+
+def select_judge_pair(
+    judgements: list[str], scores: list[float | None], elo: np.ndarray, max_chars: int | None
+) -> dict | None:
+    """Judge pair (Meta-Rewarding §2.2): highest- vs lowest-Elo judgement among the scored ones.
+
+    None when fewer than two judgements are scored, their ratings are all equal, or the chosen judgement is longer
+    than max_chars (None: no limit). The length filter is the paper's counter to the meta-judge's own length bias
+    (§2.2; §3.1 sets 1,100 characters in iteration 1, 1,000 in iteration 2, per secondary readings): it drops the
+    PAIR, it does not fall back to the best short judgement, and an over-long REJECTED judgement is kept (a pair
+    that rejects a long judgement works against the length bias, not with it).
+    The two judgements may have the same score: the paper does not ask them to differ (see the module docstring).
     """
     if not len(judgements) == len(scores) == len(elo):
         raise ValueError("judgements, scores and elo must have the same length")
-    keep = [i for i, (t, s) in enumerate(zip(judgements, scores)) if s is not None and len(t) <= max_chars]
+    keep = meta_judge_candidates(scores)
     if len(keep) < 2:
         return None
     ratings = [float(elo[i]) for i in keep]
@@ -99,6 +122,8 @@ def select_judge_pair(
     # max()/min() return the first of equals: ties go to the earlier judgement.
     best = keep[max(range(len(keep)), key=lambda j: ratings[j])]
     worst = keep[min(range(len(keep)), key=lambda j: ratings[j])]
+    if max_chars is not None and len(judgements[best]) > max_chars:
+        return None
     return {
         "chosen": judgements[best],
         "rejected": judgements[worst],
@@ -128,7 +153,7 @@ def pick_meta_judge_response(score_lists: list[list[float | None]]) -> int | Non
 def select_actor_pair(
     responses: list[str], mean_scores: list[float | None], rho: float, length_control: bool = True
 ) -> dict | None:
-    """Actor pair from mean judge scores (Self-Rewarding §2.3; length control: Meta-Rewarding §2.3).
+    """Actor pair from mean judge scores (Self-Rewarding §2.3; length control: Meta-Rewarding §2.1).
 
     Length control: chosen is the SHORTEST response scoring in [(1−ρ)S_max + ρS_min, S_max]; rejected the
     LONGEST in [S_min, (1−ρ)S_min + ρS_max]. Without it: highest vs lowest score, first on ties. Length is

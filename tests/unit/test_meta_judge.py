@@ -93,12 +93,13 @@ def test_select_judge_pair_highest_vs_lowest_elo():
     }
 
 
-def test_select_judge_pair_drops_long_and_unscored():
+def test_select_judge_pair_skips_unscored_and_drops_a_long_chosen():
     judgements = ["x" * 50 + " Score: 5", "ok. Score: 3", "no score at all", "meh. Score: 2"]
     elo = np.array([2.0, 0.5, -3.0, -0.5])
-    pair = select_judge_pair(judgements, [5.0, 3.0, None, 2.0], elo, max_chars=20)
-    assert (pair["chosen_index"], pair["rejected_index"]) == (1, 3)
-    assert pair["chosen"] == "ok. Score: 3"
+    pair = select_judge_pair(judgements, [5.0, 3.0, None, 2.0], elo, max_chars=100)
+    assert (pair["chosen_index"], pair["rejected_index"]) == (0, 3)  # the unscored -3.0 is never the rejected one
+    # Meta-Rewarding §2.2: the over-long chosen judgement drops the pair; no fall-back to the best short one.
+    assert select_judge_pair(judgements, [5.0, 3.0, None, 2.0], elo, max_chars=20) is None
     assert select_judge_pair(judgements, [5.0, None, None, None], elo, max_chars=100) is None
 
 

@@ -6,8 +6,9 @@ One model, three roles, one engine and one adapter:
         actor: K responses per prompt                                        -> responses.jsonl
         judge: N judgements per response, "Score: X" parsed, mean kept      -> judgements.jsonl
         actor pairs: best vs worst score (length-controlled window ρ_k)     -> actor_pairs.jsonl
-        meta-judge: the response whose scores vary most; its judgements
-          compared pairwise in both orders, debiased, Elo-ranked            -> judge_pairs.jsonl
+        meta-judge: the response whose scores vary most; its scored judgements
+          compared pairwise in both orders, debiased, Elo-ranked; the pair
+          dropped if its chosen judgement is over-long                      -> judge_pairs.jsonl
         DPO on actor pairs (+ judge pairs in the scheduled iterations)      -> adapter/
         judge quality on a labelled set                                      -> eval.json
 """
@@ -25,6 +26,7 @@ from rewards.judge import judge_prompt, meta_judge_prompt
 from rewards.judge_pairs import (
     battle_matrix,
     elo_scores,
+    meta_judge_candidates,
     pick_meta_judge_response,
     rho_for,
     select_actor_pair,
@@ -173,7 +175,10 @@ def build_actor_pairs(run: Run, k: int) -> dict[str, Any]:
 
 
 def build_judge_pairs(run: Run, k: int) -> dict[str, Any]:
-    """Meta-judge: compare every pair of one response's judgements in both orders, then Elo."""
+    """Meta-judge (Meta-Rewarding §2.2): for each prompt, the response whose judge scores vary most; every ordered pair
+    of its scored judgements compared, shown as written (no score stripped); Elo; one judge pair per prompt at most,
+    dropped if its chosen judgement is longer than `max_judgement_chars`. See rewards/judge_pairs.py for what the
+    paper does not do (equal-score filter, score stripping, a cap on the judge pairs' share)."""
     cfg = run.recipe.meta_rewarding
     picked = []
     for group in _by_prompt(run, k).values():
@@ -182,8 +187,7 @@ def build_judge_pairs(run: Run, k: int) -> dict[str, Any]:
             picked.append(group[idx])
     jobs = []  # (prompt_id, a, b, conversation): one comparison of judgements a and b
     for x, j in picked:
-        usable = [i for i, t in enumerate(j["judge_texts"]) if len(t) <= cfg.max_judgement_chars]
-        for a, b in permutations(usable, 2):
+        for a, b in permutations(meta_judge_candidates(j["scores"]), 2):
             conv = _user(meta_judge_prompt(x["prompt"], x["text"], j["judge_texts"][a], j["judge_texts"][b]))
             jobs.append((x["prompt_id"], a, b, conv))
     params = GenParams(n=1, temperature=cfg.judge_temperature, top_p=1.0, max_tokens=cfg.judge_max_tokens)
@@ -208,17 +212,21 @@ def build_judge_pairs(run: Run, k: int) -> dict[str, Any]:
     outcomes: dict[str, list[tuple[int, int, str | None]]] = defaultdict(list)
     for (pid, a, b, _), winner in zip(jobs, verdicts):
         outcomes[pid].append((a, b, winner))
-    pairs = []
+    pairs, long_chosen = [], 0
     for x, j in picked:
-        n = len(j["judge_texts"])
-        elo = elo_scores(battle_matrix(n, outcomes[x["prompt_id"]]))
-        pair = select_judge_pair(j["judge_texts"], j["scores"], elo, cfg.max_judgement_chars)
-        if pair is not None:
-            pairs.append({"prompt_id": x["prompt_id"], "prompt": _user(judge_prompt(x["prompt"], x["text"])), **pair})
+        texts, scores = j["judge_texts"], j["scores"]
+        elo = elo_scores(battle_matrix(len(texts), outcomes[x["prompt_id"]]))
+        pair = select_judge_pair(texts, scores, elo, cfg.max_judgement_chars)
+        if pair is None:
+            # counted apart: the paper's length threshold is the knob that decides how many of these are lost
+            long_chosen += select_judge_pair(texts, scores, elo, None) is not None
+            continue
+        pairs.append({"prompt_id": x["prompt_id"], "prompt": _user(judge_prompt(x["prompt"], x["text"])), **pair})
     log.finish(pairs)
     return {
         "meta_forced_verdicts": forced,
         "judge_pairs": len(pairs),
+        "judge_pairs_dropped_long_chosen": long_chosen,
         "meta_comparisons": len(verdicts),
         "meta_parse_rate": mean(w is not None for w in verdicts) if verdicts else 0.0,
         "meta_first_position_rate": mean(w == "A" for w in verdicts if w) if any(verdicts) else 0.0,

@@ -234,7 +234,13 @@ class MetaRewardingConfig(Section):
     length_rho: list[float] = Field([0.0, 0.32, 0.32, 0.4], description="ρ per iteration; the last repeats.")
     _rho = field_validator("length_rho")(classmethod(lambda cls, v: _unit_fractions(v)))
     judge_pair_iterations: list[int] = Field([1, 2], description="Iterations that also train on judge pairs.")
-    max_judgement_chars: int = Field(1500, ge=1, le=10_000_000, description="Judgements longer than this are dropped.")
+    max_judgement_chars: int = Field(
+        1500,
+        ge=1,
+        le=10_000_000,
+        description="A judge pair whose chosen (highest-Elo) judgement is longer than this is dropped, against the "
+        "meta-judge's length bias (Meta-Rewarding §2.2); the rejected judgement may be longer.",
+    )
     force_verdict: bool = Field(
         False,
         description="Continue judgements that never state `Score: X` (or `Winner: ...`) with that prefix for a "
