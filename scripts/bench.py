@@ -3,6 +3,8 @@
 Writes runs/bench/<timestamp>.json and prints a table with PASS/MISS per goal:
   vLLM generate >= 1.5x HF generate (tokens/s), adapter hot-swap >= 5x faster than merge + reload,
   pipeline overhead <= 5% of one small ScPO iteration's wall time.
+Also a roofline (scripts/roofline.py): peak matmul FLOP/s at the model's shapes, and the demo run's (--demo-dir)
+per-phase FLOP/s against it; `--roofline-only` runs just that (seconds).
 Run with the venv's python from the repo root: `.venv/bin/python scripts/bench.py` (vLLM spawns processes,
 hence the __main__ guard). About 10 minutes on an idle 2-core CPU, 16-25 on a loaded one.
 """
@@ -293,29 +295,56 @@ def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def print_table(results: dict[str, Any]) -> None:
-    rows = [(k, results.get(k)) for k in ("vllm_tokens_per_s", "hf_tokens_per_s", "vllm_speedup_matched_threads",
+def print_table(results: dict[str, Any], roofline_only: bool = False) -> None:
+    rows = [] if roofline_only else [(k, results.get(k)) for k in ("vllm_tokens_per_s", "hf_tokens_per_s", "vllm_speedup_matched_threads",
             "vllm_lora_tokens_per_s", "vllm_lora_tokens_per_s_vllm_ops", "cpu_lora_fastpath_speedup", "hf_lora_tokens_per_s", "vllm_engine_start_s", "adapter_swap_s", "full_reload_s",
             "full_reload_merge_save_s")]  # fmt: skip
     ov = results.get("overhead") or {}
     rows += [
         (f"scpo {k}", ov.get(k))
         for k in ("wall_s", "model_work_s", "cli_outside_phases_s", "engine_close_s", "teardown_s")
+        if not roofline_only
     ]
+    peaks = results.get("peak_matmul_flops") or {}
+    rows += [(f"peak matmul {dt} GFLOP/s", v and round(v / 1e9, 1)) for dt, v in peaks.items()]
+    rows += [(k, results.get(k)) for k in (*(f"{p}_peak_fraction" for p in ("generate", "train", "eval")),
+             "generate_tokens_per_s_demo", "overhead_demo_fraction")]  # fmt: skip
     print(f"\n{'metric':<34}{'value':>12}")
     print("-" * 46)
     for k, v in rows:
         print(f"{k:<34}{'-' if v is None else v:>12}")
+    if roofline_only:
+        return
     print(f"\n{'goal':<20}{'value':>12}{'goal':>12}{'':>8}")
     print("-" * 52)
     for name, v in results["goals"].items():
         print(f"{name:<20}{'-' if v['value'] is None else v['value']:>12}{v['goal']:>12}{v['status']:>8}")
 
 
+def bench_rest(out_root: Path, stamp: str, results: dict[str, Any]) -> None:
+    """Throughput, hot-swap and full reload in this process, then the LoRA A/B child."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="selfreward-bench-") as tmp:
+            bench_engines(Path(tmp), results)
+    except Exception as e:
+        results["errors"]["engines"] = f"{type(e).__name__}: {e}"
+    try:
+        results["vllm_lora_tokens_per_s_vllm_ops"] = bench_lora_without_fastpath(out_root, stamp)
+        if results.get("vllm_lora_tokens_per_s"):
+            results["cpu_lora_fastpath_speedup"] = round(
+                results["vllm_lora_tokens_per_s"] / results["vllm_lora_tokens_per_s_vllm_ops"], 2
+            )
+        _log(f"vLLM with LoRA, vLLM's own CPU ops: {results['vllm_lora_tokens_per_s_vllm_ops']} tokens/s")
+    except Exception as e:
+        results["errors"]["lora_vllm_ops"] = f"{type(e).__name__}: {e}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--skip-overhead", action="store_true", help="skip the ScPO iteration (about 3-5 minutes)")
+    ap.add_argument("--demo-dir", help="a demo run's output_dir for the roofline (default: runs/demo if it exists)")
+    ap.add_argument("--roofline-only", action="store_true", help="only the matmul peaks and the demo-dir analysis")
     ap.add_argument("--scpo-child", nargs=1, help=argparse.SUPPRESS)
     ap.add_argument("--lora-child", nargs=1, help=argparse.SUPPRESS)
     ap.add_argument("child_argv", nargs="*", help=argparse.SUPPRESS)
@@ -344,30 +373,29 @@ def main() -> int:
         "errors": {},
     }
     t0 = time.time()
-    if not args.skip_overhead:
+    demo_dir = Path(args.demo_dir) if args.demo_dir else ROOT / "runs" / "demo"
+    demo_dir = demo_dir if args.demo_dir or demo_dir.is_dir() else None
+    if not (args.skip_overhead or args.roofline_only):
         try:
             results["overhead"] = bench_overhead(out_root, stamp)
             results["overhead_fraction"] = results["overhead"]["overhead_fraction"]
             _log(f"scpo iteration: wall {results['overhead']['wall_s']} s, overhead {results['overhead_fraction']}")
         except Exception as e:  # keep measuring the rest; the error is in the JSON and the exit status
             results["errors"]["overhead"] = f"{type(e).__name__}: {e}"
-    try:
-        with tempfile.TemporaryDirectory(prefix="selfreward-bench-") as tmp:
-            bench_engines(Path(tmp), results)
+    try:  # seconds: matmul peaks at the model's shapes, then the demo run's phases against them
+        from roofline import bench_roofline
+
+        ov = results.get("overhead")
+        results |= bench_roofline(demo_dir, MODEL, ov["wall_s"] - ov["model_work_s"] if ov else None)
+        _log(f"roofline: peak matmul FLOP/s {results['peak_matmul_flops']}")
     except Exception as e:
-        results["errors"]["engines"] = f"{type(e).__name__}: {e}"
-    try:
-        results["vllm_lora_tokens_per_s_vllm_ops"] = bench_lora_without_fastpath(out_root, stamp)
-        if results.get("vllm_lora_tokens_per_s"):
-            results["cpu_lora_fastpath_speedup"] = round(
-                results["vllm_lora_tokens_per_s"] / results["vllm_lora_tokens_per_s_vllm_ops"], 2
-            )
-        _log(f"vLLM with LoRA, vLLM's own CPU ops: {results['vllm_lora_tokens_per_s_vllm_ops']} tokens/s")
-    except Exception as e:
-        results["errors"]["lora_vllm_ops"] = f"{type(e).__name__}: {e}"
+        results["errors"]["roofline"] = f"{type(e).__name__}: {e}"
+    if not args.roofline_only:
+        bench_rest(out_root, stamp, results)
     results["machine"]["load_average_end"] = _load_average()
     results["bench_wall_s"] = round(time.time() - t0, 1)
-    results["goals"] = verdicts(results)
+    if not args.roofline_only:
+        results["goals"] = verdicts(results)
     results["method"] = {
         "throughput": f"{NUM_PROMPTS} arithmetic prompts x {NUM_SAMPLES} samples, max_tokens {MAX_TOKENS}, "
         f"T={TEMPERATURE}, float32, the same token ids to both train.engine engines (VLLMSampler with LoRA enabled, "
@@ -386,9 +414,12 @@ def main() -> int:
         "phase (TRL import, model load, DPO steps, adapter save). overhead = (wall - model work) / wall. "
         "overhead_fraction_phase_level uses generate phase + train phase as model work instead.",
     }
+    from roofline import METHOD as ROOFLINE_METHOD
+
+    results["method"] |= ROOFLINE_METHOD
     path = out_root / f"{stamp}.json"
     path.write_text(json.dumps(results, indent=2))
-    print_table(results)
+    print_table(results, args.roofline_only)
     for name, err in results["errors"].items():
         print(f"error in {name}: {err}", file=sys.stderr)
     print(f"\nwrote {path}")

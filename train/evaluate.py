@@ -47,7 +47,7 @@ def evaluate(sampler: Sampler, adapter: Path | None, items: list[Item], recipe: 
         desc="eval sampled",
     )
     acc = sample_acc = maj_acc = cons = 0.0
-    lengths = []
+    lengths, tokens = [], 0
     for (_, gold), g, samples in zip(kept, greedy, sampled):
         acc += answers_equal(extract_answer(g[0].text, kind), gold, kind)
         answers = [extract_answer(s.text, kind) for s in samples]
@@ -55,6 +55,7 @@ def evaluate(sampler: Sampler, adapter: Path | None, items: list[Item], recipe: 
         maj_acc += answers_equal(majority_answer(answers, kind), gold, kind)
         cons += consistency(answers, kind)
         lengths.append(len(g[0].token_ids))
+        tokens += len(g[0].token_ids) + sum(len(s.token_ids) for s in samples)
     n = len(kept)
     return metrics | {
         "accuracy": acc / n,
@@ -62,6 +63,7 @@ def evaluate(sampler: Sampler, adapter: Path | None, items: list[Item], recipe: 
         "majority_accuracy": maj_acc / n,
         "consistency": cons / n,
         "greedy_length": sum(lengths) / n,
+        "tokens": tokens,  # completion tokens generated, greedy + sampled (the bench's roofline)
     }
 
 
