@@ -45,7 +45,9 @@ def init_adapter(tiny_model_dir, tmp_path_factory) -> str:
     return str(out)
 
 
-def make_trainer(model_dir: str, init_adapter: str, pairs: list[dict], tmp_path, *, beta: float, alpha: float):
+def make_trainer(
+    model_dir: str, init_adapter: str, pairs: list[dict], tmp_path, *, beta: float, alpha: float, precompute=False
+):
     """The trainer as train_dpo builds it from a previous adapter, with the policy then moved off the reference."""
     config = DPOConfig(
         output_dir=str(tmp_path),
@@ -56,6 +58,7 @@ def make_trainer(model_dir: str, init_adapter: str, pairs: list[dict], tmp_path,
         beta=beta,
         loss_type=["sigmoid", "sft"] if alpha else ["sigmoid"],
         loss_weights=[1.0, alpha] if alpha else None,
+        precompute_ref_log_probs=precompute,
     )
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), init_adapter, is_trainable=True)
     trainer = WeightedDPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(_rows(pairs)))
@@ -119,6 +122,36 @@ def test_weighted_loss_matches_hand_computation(tiny_model_dir, init_adapter, tm
     grads = {n: p.grad for n, p in trainer.model.named_parameters() if "lora_" in n}
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".default." in n)
     assert all(g is None for n, g in grads.items() if ".ref." in n)
+
+
+def test_precomputed_reference_gives_the_same_weighted_loss(tiny_model_dir, init_adapter, tmp_path):
+    # train_dpo precomputes the reference log-probs once per iteration (TRL's option): the weighted loss must read
+    # them from the batch and equal the loss with a reference forward per batch.
+    per_batch = make_trainer(tiny_model_dir, init_adapter, PAIRS, tmp_path / "a", beta=0.5, alpha=0.7)
+    once = make_trainer(tiny_model_dir, init_adapter, PAIRS, tmp_path / "b", beta=0.5, alpha=0.7, precompute=True)
+    batch = batch_of(once, [0, 1, 2])
+    assert {"ref_chosen_logps", "ref_rejected_logps", "weight"} <= set(batch)
+    with torch.no_grad():
+        expected = per_batch.compute_loss(per_batch.model, dict(batch_of(per_batch, [0, 1, 2])))
+        got = once.compute_loss(once.model, dict(batch))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dpo_config_precomputes_the_reference_and_autocasts_where_the_cpu_has_bf16(tmp_path, monkeypatch):
+    import train.trainers.trl_config as trl_config
+    from train.trainers.weighted_dpo import dpo_config
+
+    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(trl_config, "bf16_supported", lambda device: True)
+    config = dpo_config(str(tmp_path), 0.5, 1.0, {})
+    assert config.precompute_ref_log_probs and config.bf16 and config.use_cpu
+    assert not dpo_config(str(tmp_path), 0.5, 1.0, {"bf16": False, "precompute_ref_log_probs": False}).bf16
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # DeepSpeed on CPU keeps float32
+    assert not trl_config.cpu_bf16_autocast()
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setattr(trl_config, "bf16_supported", lambda device: False)
+    assert not dpo_config(str(tmp_path), 0.5, 1.0, {}).bf16
 
 
 @pytest.fixture(scope="module")

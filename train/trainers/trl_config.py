@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from train.models import distributed_defaults, trainer_model_kwargs
+from train.models import bf16_supported, distributed_defaults, trainer_model_kwargs
 from train.runtime.progress import progress_enabled
 
 
@@ -30,6 +30,20 @@ def shared_defaults() -> dict[str, Any]:
         "disable_tqdm": not progress_enabled(),  # TRL/transformers' step bar: terminal only, never under CI
         **distributed_defaults(),
     }
+
+
+def cpu_bf16_autocast() -> dict[str, Any]:
+    """`bf16=True` (autocast; the weights stay float32) for a CPU trainer where the CPU has native bf16 matmuls and
+    the launch is one process or DDP. Measured on the 2-core box: a 10-step DPO train phase 160 s -> 132 s
+    (docs/results.md, issue 15). DeepSpeed and FSDP on CPU keep float32: their mixed precision is a GPU path."""
+    import os
+
+    if torch.cuda.is_available() or not bf16_supported("cpu"):
+        return {}
+    sharded = any(
+        os.environ.get(v, "false").lower() in ("1", "true") for v in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")
+    )
+    return {} if sharded else {"bf16": True}
 
 
 def build_trl_config(

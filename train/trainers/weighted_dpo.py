@@ -27,7 +27,7 @@ from train.models import describe_dtypes, load_adapter, load_tokenizer, lora_con
 from train.runtime import distributed as dist
 from train.trainers.adapters import publish_adapter
 from train.trainers.checkpoints import last_complete_checkpoint
-from train.trainers.trl_config import build_trl_config
+from train.trainers.trl_config import build_trl_config, cpu_bf16_autocast
 
 WEIGHT = "weight"
 log = logging.getLogger("selfreward")
@@ -150,6 +150,38 @@ def _metrics(train_output: Any, log_history: list[dict]) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
 
 
+def dpo_config(
+    output_dir: str,
+    beta: float,
+    nll_alpha: float,
+    trainer_overrides: dict,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    report_to: str | list[str] = "none",
+    model_dtype: str = "auto",
+) -> DPOConfig:
+    """The DPOConfig of one iteration: our defaults < the recipe's `trainer:` < what the algorithm owns."""
+    owned = {
+        "output_dir": str(Path(output_dir) / "checkpoints"),
+        "report_to": report_to,
+        "seed": seed,
+        "trust_remote_code": trust_remote_code,
+        "beta": beta,
+        "loss_type": ["sigmoid", "sft"] if nll_alpha else ["sigmoid"],  # TRL 1.16 dropped `rpo_alpha`
+        "loss_weights": [1.0, nll_alpha] if nll_alpha else [1.0],
+    }
+    defaults = {
+        "save_steps": 20,  # mid-iteration resume after preemption loses <= 20 steps
+        "max_length": 512,
+        # The reference (base, or the start-of-iteration adapter) is fixed for the whole iteration: its log-probs
+        # once, before training, instead of one reference forward per batch per epoch (TRL's option; the weighted
+        # loss reads them from the batch). Measured: a 10-step, 2-epoch DPO phase 207 s -> 160 s, same metrics.
+        "precompute_ref_log_probs": True,
+        **cpu_bf16_autocast(),
+    }
+    return build_trl_config(DPOConfig, defaults, trainer_overrides, owned, model_dtype)
+
+
 def train_dpo(
     model_path: str,
     pairs: list[dict],
@@ -172,17 +204,7 @@ def train_dpo(
     """
     if not pairs:
         raise ValueError("no pairs to train on")
-    owned = {
-        "output_dir": str(Path(output_dir) / "checkpoints"),
-        "report_to": report_to,
-        "seed": seed,
-        "trust_remote_code": trust_remote_code,
-        "beta": beta,
-        "loss_type": ["sigmoid", "sft"] if nll_alpha else ["sigmoid"],  # TRL 1.16 dropped `rpo_alpha`
-        "loss_weights": [1.0, nll_alpha] if nll_alpha else [1.0],
-    }
-    defaults = {"save_steps": 20, "max_length": 512}  # mid-iteration resume after preemption loses <= 20 steps
-    config = build_trl_config(DPOConfig, defaults, trainer_overrides, owned, model_dtype)
+    config = dpo_config(output_dir, beta, nll_alpha, trainer_overrides, seed, trust_remote_code, report_to, model_dtype)
     set_seed(seed)  # before the LoRA init, which TRL does before Trainer seeds
     peft_config = None
     if init_adapter is None:  # iteration 1: fresh LoRA; TRL's reference = adapters disabled = base model
@@ -208,7 +230,8 @@ def train_dpo(
     )
     if trainer.accelerator.is_main_process:
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        log.info("training on %s (%s)", dist.describe(trainer.accelerator), describe_dtypes(unwrapped))
+        autocast = ", bf16 autocast" if trainer.args.bf16 else ""
+        log.info("training on %s (%s%s)", dist.describe(trainer.accelerator), describe_dtypes(unwrapped), autocast)
     ckpt_dir = trainer.args.output_dir
     last = last_complete_checkpoint(ckpt_dir)
     result = trainer.train(resume_from_checkpoint=last)
