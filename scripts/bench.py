@@ -160,6 +160,7 @@ def bench_engines(tmp: Path, res: dict[str, Any]) -> None:
     from train.config import DataConfig, SamplingConfig
     from train.data import arithmetic_splits, conversation
     from train.engine import GenParams, HFSampler, VLLMSampler, render_prompts
+    from train.engine.vllm import engine_dtype
     from train.models import load_causal_lm, resolve_model
 
     model_path = resolve_model(MODEL)
@@ -167,7 +168,8 @@ def bench_engines(tmp: Path, res: dict[str, Any]) -> None:
     data = DataConfig(instruction="Answer with just the number.")
     items = arithmetic_splits(data, seed=0)[0][:NUM_PROMPTS]
     res |= {"model": MODEL, "prompts": len(items), "samples_per_prompt": NUM_SAMPLES, "max_tokens": MAX_TOKENS,
-            "temperature": TEMPERATURE, "dtype": "float32"}  # fmt: skip
+            "temperature": TEMPERATURE, "dtype": engine_dtype(cfg.dtype, torch.cuda.is_available()),
+            "hf_dtype": "float32"}  # fmt: skip
     params = GenParams(n=NUM_SAMPLES, temperature=TEMPERATURE, top_p=1.0, max_tokens=MAX_TOKENS)
     warm = GenParams(n=2, temperature=TEMPERATURE, max_tokens=8)
 
@@ -223,7 +225,7 @@ def bench_engines(tmp: Path, res: dict[str, Any]) -> None:
     del llm, merged, peft_model, maker
 
     # HF generate as the project configures it (torch's default threads), then with as many threads as the vLLM
-    # worker gets (vLLM-CPU binds its worker to cpu_count - 1 cores on x86 unless VLLM_CPU_NUM_OF_RESERVED_CPU).
+    # engine gets.
     hf = HFSampler(model_path, cfg, seed=0)
     res["hf_load_s"] = round(hf.engine_start_s, 2)
     hf.generate_ids(prompt_ids[:4], warm)
@@ -232,7 +234,11 @@ def bench_engines(tmp: Path, res: dict[str, Any]) -> None:
     res["hf_tokens_per_s"] = res["hf"]["tokens_per_s"]
     res["vllm_speedup"] = round(res["vllm_tokens_per_s"] / res["hf_tokens_per_s"], 2)
     _log(f"HF {res['hf_tokens_per_s']} tokens/s ({threads} threads)")
-    vllm_threads = max(1, (os.cpu_count() or 1) - int(os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")))
+    # The CPU engine runs in this process (train.engine.vllm.cpu_engine_settings) on torch's threads; a multiprocess
+    # engine (VLLM_ENABLE_V1_MULTIPROCESSING=1) binds its worker to cpu_count - 1 cores.
+    in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+    reserved = int(os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "1"))
+    vllm_threads = threads if in_process else max(1, (os.cpu_count() or 1) - reserved)
     res["vllm_worker_threads"] = vllm_threads
     if vllm_threads != threads:
         torch.set_num_threads(vllm_threads)
@@ -398,7 +404,7 @@ def main() -> int:
         results["goals"] = verdicts(results)
     results["method"] = {
         "throughput": f"{NUM_PROMPTS} arithmetic prompts x {NUM_SAMPLES} samples, max_tokens {MAX_TOKENS}, "
-        f"T={TEMPERATURE}, float32, the same token ids to both train.engine engines (VLLMSampler with LoRA enabled, "
+        f"T={TEMPERATURE}, vLLM in `dtype` (sampling.dtype auto: bf16 on CPUs with native bf16), HF in float32 (its CPU default), the same token ids to both train.engine engines (VLLMSampler with LoRA enabled, "
         "no adapter; HFSampler batch 64, torch's default threads); tokens = sum of len(Sample.token_ids); one warm-up "
         f"call, then {REPEATS} timed run(s) per engine (best kept). hf_matched_threads: HFSampler with torch threads "
         "set to the vLLM worker's OMP threads. *_lora_tokens_per_s: with a random r=16 all-linear adapter live (HF: "
