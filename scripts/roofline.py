@@ -19,10 +19,9 @@ if str(ROOT) not in sys.path:
 
 PHASES = ("generate", "train", "eval")
 # Training FLOPs per token as a multiple of the forward's, LoRA-DPO (see `model_flops_per_token`).
-TRAIN_FORWARD_MULTIPLIER = 3
 
 
-def model_flops_per_token(config: dict[str, Any], context_len: int) -> dict[str, Any]:
+def model_flops_per_token(config: dict[str, Any], context_len: int, reference_passes: float = 1.0) -> dict[str, Any]:
     """FLOPs per token of a LlamaForCausalLM (a HF config.json dict), forward and LoRA-DPO training.
 
     Matmul parameters, per layer: q (h·H·d) + k, v (h·KV·d each) + o (H·d·h) + gate, up (h·i each) + down (i·h),
@@ -33,10 +32,11 @@ def model_flops_per_token(config: dict[str, Any], context_len: int) -> dict[str,
     forward FLOPs/token = 2·N (a multiply and an add per weight) + 2·2·layers·context_len·H·d (QKᵀ and AV: each
     query attends to `context_len` keys; H·d = hidden for Llama).
 
-    train FLOPs/token = 3 × forward, for LoRA-DPO with the reference model run each step (TRL's default, the
-    reference = the policy with the adapter disabled): policy forward 1×; backward 1×, because the frozen weights
+    train FLOPs/token = (2 + reference_passes) × forward, for LoRA-DPO: policy forward 1×; backward 1×, because the frozen weights
     need only the activation gradients (dX = dY·Wᵀ, one matmul per weight: 2·N), not weight gradients (dW = Xᵀ·dY,
-    the other 2·N of a full backward, skipped for frozen weights); reference forward 1×. Neglected: the LoRA
+    the other 2·N of a full backward, skipped for frozen weights); reference forward `reference_passes`× per trained
+    token: 1 with a reference forward every step (TRL's default), 1/epochs with `precompute_ref_log_probs` (this
+    project's DPO default: once per iteration, while TRL's num_tokens counts every epoch). Neglected: the LoRA
     matrices' 6·r·(in + out) FLOPs per adapted matrix per token (policy forward, activation and weight gradients;
     about 4% of the 6·N for SmolLM2-135M at r = 16 on all linear layers), and attention's backward being 2× its
     forward (dQ, dK and dV are all needed), one more attention forward (under 2% here). Gradient checkpointing (off
@@ -61,8 +61,8 @@ def model_flops_per_token(config: dict[str, Any], context_len: int) -> dict[str,
         "context_len": context_len,
         "attention_flops_per_token": attention,
         "forward": forward,
-        "train_multiplier": TRAIN_FORWARD_MULTIPLIER,
-        "train": TRAIN_FORWARD_MULTIPLIER * forward,
+        "train_multiplier": 2 + reference_passes,
+        "train": (2 + reference_passes) * forward,
     }
 
 
@@ -228,6 +228,7 @@ def roofline_results(
     *,
     dtype: str = "float32",
     context_len: int = 64,
+    reference_passes: float = 1.0,
     seconds: float = 0.4,
     device: str = "cpu",
 ) -> dict[str, Any]:
@@ -236,7 +237,7 @@ def roofline_results(
     shapes = model_matmul_shapes(config)
     dtypes = dict.fromkeys(("float32", "bfloat16", dtype))
     peaks = {dt: peak_matmul_flops(dt, shapes, seconds=seconds, device=device) for dt in dtypes}
-    fpt = model_flops_per_token(config, context_len)
+    fpt = model_flops_per_token(config, context_len, reference_passes)
     res: dict[str, Any] = {
         "peak_matmul_flops": {dt: _sig(p["peak_flops_per_s"]) for dt, p in peaks.items()},
         "peak_matmul": peaks,
@@ -262,10 +263,12 @@ def roofline_results(
 
 
 def bench_roofline(demo_dir: Path | None, default_model: str, overhead_s: float | None) -> dict[str, Any]:
-    """`roofline_results` for the demo's model (its recipe.json, else `default_model`) in the demo's dtype
-    (`model_dtype`, `auto` resolved as the trainer does), on the GPU when there is one."""
+    """`roofline_results` for the demo's model (its recipe.json, else `default_model`) against the peak of the dtype
+    its engine sampled in (`sampling.dtype`, `auto` resolved as the engine does: bf16 on CPUs with native bf16, where
+    the DPO trainer also runs under bf16 autocast), on the GPU when there is one."""
     import torch
 
+    from train.engine.vllm import engine_dtype
     from train.models import resolve_dtype, resolve_model
 
     recipe_path = Path(demo_dir) / "recipe.json" if demo_dir else None
@@ -273,8 +276,14 @@ def bench_roofline(demo_dir: Path | None, default_model: str, overhead_s: float 
     model = recipe.get("model") or default_model
     config = json.loads((Path(resolve_model(model)) / "config.json").read_text())
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = resolve_dtype(recipe.get("model_dtype", "auto"), device)
-    return {"roofline_model": model} | roofline_results(config, demo_dir, overhead_s, dtype=dtype, device=device)
+    sampled = engine_dtype((recipe.get("sampling") or {}).get("dtype", "auto"), device == "cuda")
+    dtype = resolve_dtype(recipe.get("model_dtype", "auto"), device) if sampled == "auto" else sampled
+    trainer = recipe.get("trainer") or {}
+    epochs = float(trainer.get("num_train_epochs", 3))  # TRL's default
+    ref = 1 / epochs if trainer.get("precompute_ref_log_probs", True) and epochs > 0 else 1.0
+    return {"roofline_model": model} | roofline_results(
+        config, demo_dir, overhead_s, dtype=dtype, device=device, reference_passes=ref
+    )
 
 
 METHOD = {
@@ -284,16 +293,17 @@ METHOD = {
     "shapes (details in `peak_matmul`). bfloat16 only where the CPU has AVX-512 BF16 or AMX (else null).",
     "model_flops_per_token": "N = matmul parameters (q, k, v, o, gate, up, down per layer + the LM head h*vocab, "
     "counted even when tied). forward = 2*N + 2*2*layers*context_len*heads*head_dim (QK^T and AV; context_len = "
-    "64, about a demo prompt plus half an answer: attention is under 2% of the forward here). train = 3 x forward "
-    "(LoRA-DPO: policy forward, backward through frozen weights = activation gradients only, reference forward; "
-    "LoRA FLOPs, ~4%, neglected).",
+    "64, about a demo prompt plus half an answer: attention is under 2% of the forward here). train = (2 + "
+    "reference_passes) x forward (LoRA-DPO: policy forward, backward through frozen weights = activation gradients "
+    "only, and the reference forward: 1/num_train_epochs per trained token with the precomputed reference, this "
+    "project's DPO default; LoRA FLOPs, ~4%, neglected).",
     "roofline": "from the demo run dir (--demo-dir): iter_*/phases/<phase>.json, completed from metrics.jsonl. Per "
     "phase, summed over iterations: tokens (generate: samples x mean_tokens; train: TRL num_tokens; eval: its "
     "`tokens` metric, else n x greedy_length x (1 + eval.num_samples)); generate and eval count completion tokens "
     "only (prompt prefill is not recorded): their FLOP/s are lower bounds. FLOPs = tokens x FLOPs/token (train: "
     "the train figure), achieved FLOP/s = FLOPs / phase wall seconds (engine start/wake, adapter swap, model "
-    "load and save included), *_peak_fraction = achieved / peak_matmul_flops[roofline_dtype] (the demo's dtype: "
-    "float32 on CPU). On several ranks the token counts are totals and the fraction is of one device's peak.",
+    "load and save included), *_peak_fraction = achieved / peak_matmul_flops[roofline_dtype] (the dtype the demo "
+    "sampled in: bf16 on CPUs with native bf16, where DPO also runs under bf16 autocast). On several ranks the token counts are totals and the fraction is of one device's peak.",
     "generate_tokens_per_s_demo": "the demo's generate phases: completion tokens (samples x mean_tokens) / phase "
     "seconds, summed over iterations; the real workload (short answers, n = scpo.num_samples), beside the "
     "synthetic vllm_tokens_per_s. Phase seconds include the engine wake and adapter swap.",

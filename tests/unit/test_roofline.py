@@ -35,6 +35,8 @@ def test_flops_per_token_small_llama():
     assert f["attention_flops_per_token"] == 640
     assert f["forward"] == FORWARD_10 == 3456
     assert f["train_multiplier"] == 3 and f["train"] == 3 * 3456
+    # the reference precomputed once for 2 epochs: half a reference forward per trained token
+    assert roofline.model_flops_per_token(CONFIG, context_len=10, reference_passes=0.5)["train"] == 2.5 * 3456
     untied = roofline.model_flops_per_token(CONFIG | {"tie_word_embeddings": False}, context_len=10)
     assert untied["parameters"] == 1448 + 256 and untied["forward"] == 3456  # the LM head is a matmul either way
 
