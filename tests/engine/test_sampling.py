@@ -69,6 +69,11 @@ def test_vllm_engine_hot_swaps_adapters(tiny_model_dir, tmp_path):
     # on CPU the engine runs in this process (no engine-core or worker process to spawn, import and pin to a core)
     spawned = [c.name() for c in psutil.Process().children(recursive=True) if c.pid not in before]
     assert not spawned and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0", spawned
+    from vllm.v1.sample.ops import topk_topp_sampler
+
+    from train.engine import vllm_cpu_sampler
+
+    assert topk_topp_sampler.apply_top_k_top_p is vllm_cpu_sampler.apply_top_k_top_p, "our plugin loaded in-process"
     greedy = GenParams(n=1, temperature=0.0, max_tokens=8)
     base = [o[0].token_ids for o in s.generate(CONVS, greedy)]
     out = s.generate(CONVS, GenParams(n=4, temperature=1.0, max_tokens=8))

@@ -1,0 +1,63 @@
+"""Top-p on CPU by `topk` (train/engine/vllm_cpu_sampler.py) keeps the tokens vLLM's full sort keeps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import require
+
+
+@pytest.fixture(scope="module")
+def vllm_ops():
+    require("vllm")
+    from vllm.v1.sample.ops import topk_topp_sampler
+
+    return topk_topp_sampler
+
+
+def _lm_like(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """Peaked rows, like a language model's logits at T=0.7: a few likely tokens over a long tail."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g)
+    logits[:, :40] += torch.linspace(12, 2, 40)  # the head of each row
+    return logits[:, torch.randperm(vocab, generator=g)] / 0.7
+
+
+def test_top_p_keeps_vllms_tokens_and_logits(vllm_ops):
+    from train.engine.vllm_cpu_sampler import apply_top_k_top_p
+
+    logits = _lm_like(64, 49152, 0)
+    logits[:3] = torch.randn(3, 49152) * 0.01  # flat rows: their top 1024 hold < p, so they take vLLM's sort
+    p = torch.rand(64, generator=torch.Generator().manual_seed(1)) * 0.5 + 0.45
+    ref = vllm_ops.apply_top_k_top_p_pytorch(logits.clone(), None, p, allow_cpu_sync=True)
+    ours = apply_top_k_top_p(logits.clone(), None, p)
+    kept_ref, kept = torch.isfinite(ref), torch.isfinite(ours)
+    assert torch.equal(kept, kept_ref)
+    assert torch.equal(ours[kept], logits[kept]), "kept tokens keep their logits"
+    assert 1 <= kept[3:].sum(1).min() and kept[3:].sum(1).max() < 1024 and kept[:3].sum(1).min() > 1024
+
+
+def test_top_k_and_no_filter_are_vllms(vllm_ops):
+    from train.engine.vllm_cpu_sampler import apply_top_k_top_p
+
+    logits = _lm_like(8, 4096, 2)
+    k, p = torch.full((8,), 5), torch.full((8,), 0.9)
+    assert torch.equal(
+        apply_top_k_top_p(logits.clone(), k, p),
+        vllm_ops.apply_top_k_top_p_pytorch(logits.clone(), k, p, allow_cpu_sync=True),
+    )
+    assert torch.equal(apply_top_k_top_p(logits.clone(), None, None), logits)
+
+
+def test_install_replaces_vllms_cpu_top_p_unless_turned_off(vllm_ops, monkeypatch):
+    from train.engine import vllm_cpu_sampler
+
+    original = vllm_ops.apply_top_k_top_p
+    monkeypatch.setattr(vllm_ops, "apply_top_k_top_p", original)
+    monkeypatch.setenv("SELFREWARD_CPU_TOP_P_FASTPATH", "0")
+    vllm_cpu_sampler.install()
+    assert vllm_ops.apply_top_k_top_p is original
+    monkeypatch.delenv("SELFREWARD_CPU_TOP_P_FASTPATH")
+    vllm_cpu_sampler.install()
+    assert vllm_ops.apply_top_k_top_p is vllm_cpu_sampler.apply_top_k_top_p
