@@ -123,3 +123,14 @@ def test_peak_matmul_flops_tiny_shape():
     assert res["peak_flops_per_s"] == max(r["flops_per_s"] for r in res["shapes"])
     bf16 = roofline.peak_matmul_flops("bfloat16", [(16, 32, 64)], seconds=0.05)
     assert (bf16["peak_flops_per_s"] > 0) if bf16["supported"] else bf16["peak_flops_per_s"] is None
+
+
+def test_bench_goals_judge_the_demo_figures(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench_report
+
+    results = {"vllm_speedup": 3.3, "reload_over_swap": 300.0, "overhead_demo_fraction": 0.062,
+               "generate_tokens_per_s_demo": 145.5, "generate_peak_fraction": None}  # fmt: skip
+    got = {name: v["status"] for name, v in bench_report.verdicts(results).items()}
+    assert got == {"vllm_vs_hf": "PASS", "swap_vs_reload": "PASS", "overhead": "MISS", "demo_generate_rate": "PASS",
+                   "generate_vs_peak": "MISS"}  # fmt: skip
