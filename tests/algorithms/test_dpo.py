@@ -144,14 +144,14 @@ def test_dpo_config_precomputes_the_reference_and_autocasts_where_the_cpu_has_bf
     for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(trl_config, "bf16_supported", lambda device: True)
-    config = dpo_config(str(tmp_path), 0.5, 1.0, {})
+    config = dpo_config(str(tmp_path), beta=0.5, nll_alpha=1.0, trainer_overrides={})
     assert config.precompute_ref_log_probs and config.bf16 and config.use_cpu
-    assert not dpo_config(str(tmp_path), 0.5, 1.0, {"bf16": False, "precompute_ref_log_probs": False}).bf16
+    assert not dpo_config(str(tmp_path), beta=0.5, nll_alpha=1.0, trainer_overrides={"bf16": False}).bf16
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # DeepSpeed on CPU keeps float32
     assert not trl_config.cpu_bf16_autocast()
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     monkeypatch.setattr(trl_config, "bf16_supported", lambda device: False)
-    assert not dpo_config(str(tmp_path), 0.5, 1.0, {}).bf16
+    assert not dpo_config(str(tmp_path), beta=0.5, nll_alpha=1.0, trainer_overrides={}).bf16
 
 
 @pytest.fixture(scope="module")

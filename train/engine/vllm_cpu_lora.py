@@ -83,18 +83,25 @@ def bgmv_expand_slice(
         output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
 
 
+def cpu_fastpath_enabled(env: str) -> bool:
+    """A CPU fast path of ours runs unless `env` is "0", on vLLM's CPU platform only."""
+    if os.environ.get(env, "1") == "0":
+        return False
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return False
+    return current_platform.is_cpu()
+
+
 FASTPATH = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
 
 
 def install() -> None:
     """Swap vLLM's CPU LoRA ops for the grouped ones (CPU platform only)."""
-    if os.environ.get("SELFREWARD_CPU_LORA_FASTPATH", "1") == "0":
+    if not cpu_fastpath_enabled("SELFREWARD_CPU_LORA_FASTPATH"):
         return
     try:
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu():
-            return
         import vllm.lora.ops.torch_ops as ops_pkg
         import vllm.lora.ops.torch_ops.lora_ops as ops
         import vllm.lora.punica_wrapper.punica_cpu as punica_cpu

@@ -15,9 +15,9 @@ order of equal probabilities and floating-point rounding of the cumulative sum a
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from train.engine.vllm_cpu_lora import cpu_fastpath_enabled
 
 CANDIDATES = 1024  # K: the top-p=0.9 set of a language model at T=0.7-1.0 is rarely more than a few hundred tokens
 
@@ -53,13 +53,9 @@ def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Ten
 
 def install() -> None:
     """Use `apply_top_k_top_p` in vLLM's CPU sampler (CPU platform only)."""
-    if os.environ.get("SELFREWARD_CPU_TOP_P_FASTPATH", "1") == "0":
+    if not cpu_fastpath_enabled("SELFREWARD_CPU_TOP_P_FASTPATH"):
         return
     try:
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu():
-            return
         from vllm.v1.sample.ops import topk_topp_sampler
     except ImportError:  # another vLLM layout: keep vLLM's own sampler
         return

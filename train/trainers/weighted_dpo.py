@@ -152,6 +152,7 @@ def _metrics(train_output: Any, log_history: list[dict]) -> dict[str, float]:
 
 def dpo_config(
     output_dir: str,
+    *,
     beta: float,
     nll_alpha: float,
     trainer_overrides: dict,
@@ -189,22 +190,18 @@ def train_dpo(
     *,
     init_adapter: str | None,
     lora: dict,
-    beta: float,
-    nll_alpha: float,
-    trainer_overrides: dict,
-    seed: int = 0,
-    trust_remote_code: bool = False,
-    report_to: str | list[str] = "none",
-    model_dtype: str = "auto",
+    **config_kwargs: Any,
 ) -> dict[str, float]:
     """Train one DPO iteration (resuming from `output_dir/checkpoints`), publish `output_dir/adapter`; float metrics.
+    `config_kwargs`: `dpo_config`'s (beta, nll_alpha, trainer_overrides, seed, ...).
 
     The reference is the model at the start of the iteration: the base model, or `init_adapter`, which is also where
     the trainable adapter starts. Both iterations load the base the same way (`trainer_model_kwargs`).
     """
     if not pairs:
         raise ValueError("no pairs to train on")
-    config = dpo_config(output_dir, beta, nll_alpha, trainer_overrides, seed, trust_remote_code, report_to, model_dtype)
+    config = dpo_config(output_dir, **config_kwargs)
+    seed, trust_remote_code = config.seed, config.trust_remote_code
     set_seed(seed)  # before the LoRA init, which TRL does before Trainer seeds
     peft_config = None
     if init_adapter is None:  # iteration 1: fresh LoRA; TRL's reference = adapters disabled = base model
