@@ -139,6 +139,7 @@ def test_precomputed_reference_gives_the_same_weighted_loss(tiny_model_dir, init
 
 def test_dpo_config_precomputes_the_reference_and_autocasts_where_the_cpu_has_bf16(tmp_path, monkeypatch):
     import train.trainers.trl_config as trl_config
+    from train.runtime import distributed as dist
     from train.trainers.weighted_dpo import dpo_config
 
     for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
@@ -147,6 +148,9 @@ def test_dpo_config_precomputes_the_reference_and_autocasts_where_the_cpu_has_bf
     config = dpo_config(str(tmp_path), beta=0.5, nll_alpha=1.0, trainer_overrides={})
     assert config.precompute_ref_log_probs and config.bf16 and config.use_cpu
     assert not dpo_config(str(tmp_path), beta=0.5, nll_alpha=1.0, trainer_overrides={"bf16": False}).bf16
+    with monkeypatch.context() as m:  # several ranks: TRL's precompute hands results over through a per-process cache
+        m.setattr(dist, "world_size", lambda: 2)
+        assert not dpo_config(str(tmp_path), beta=0.5, nll_alpha=1.0, trainer_overrides={}).precompute_ref_log_probs
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # DeepSpeed on CPU keeps float32
     assert not trl_config.cpu_bf16_autocast()
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")

@@ -177,7 +177,9 @@ def dpo_config(
         # The reference (base, or the start-of-iteration adapter) is fixed for the whole iteration: its log-probs
         # once, before training, instead of one reference forward per batch per epoch (TRL's option; the weighted
         # loss reads them from the batch). Measured: a 10-step, 2-epoch DPO phase 207 s -> 160 s, same metrics.
-        "precompute_ref_log_probs": True,
+        # One process only: TRL 1.16 hands them to the other ranks through a datasets cache file that rank 0 writes,
+        # and an in-memory dataset caches in a per-process temp dir, so rank 1 fails to open it.
+        "precompute_ref_log_probs": dist.world_size() == 1,
         **cpu_bf16_autocast(),
     }
     return build_trl_config(DPOConfig, defaults, trainer_overrides, owned, model_dtype)
