@@ -142,7 +142,11 @@ class SamplingConfig(Section):
     batch_size: int = Field(
         64, ge=1, le=1_000_000, description="Prompts per generation call; artifacts are flushed per batch."
     )
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Engine dtype.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="Engine dtype. `auto`: the checkpoint's on a GPU; on a CPU bfloat16 where it has native bf16 "
+        "matmuls (AVX-512 BF16 or AMX), else float32.",
+    )
     max_num_batched_tokens: int | None = Field(
         None,
         ge=64,
