@@ -274,3 +274,12 @@ def test_validation_sees_a_valid_recipe_or_a_config_error(tmp_path_factory):
     finally:
         os.chdir(cwd)
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+@pytest.mark.parametrize("override", ["a..b=\n", "x\ny", "=\r\n"])
+def test_override_errors_are_one_line_whatever_the_shell_passed(override):
+    from train.config.loading import parse_override
+
+    with pytest.raises(ConfigError) as e:
+        parse_override(override)
+    assert "\n" not in str(e.value) and "\r" not in str(e.value) and str(e.value).startswith("override `")

@@ -178,11 +178,12 @@ def _yaml(text: str) -> Any:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
+    shown = text.replace("\r", "\\r").replace("\n", "\\n")  # an error is one line, whatever the shell passed
     if "=" not in text:
-        raise ConfigError(f"override `{text}`: expected key.sub=value")
+        raise ConfigError(f"override `{shown}`: expected key.sub=value")
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override `{text}`: empty key")
+        raise ConfigError(f"override `{shown}`: empty key")
     try:
         value = _yaml(raw) if raw != "" else ""
     except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: e.g. an impossible date `2001-13-45`
