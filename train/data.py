@@ -143,6 +143,35 @@ def load_items(cfg: DataConfig, seed: int, max_prompts: int | None = None) -> tu
     return train, evals
 
 
+def check_prompts_per_iteration(cfg: DataConfig, iterations: int, pool: int) -> None:
+    """Enough training prompts for `iterations` disjoint slices of `data.prompts_per_iteration` (0/None: no slicing)."""
+    per = cfg.prompts_per_iteration
+    if per and per * iterations > pool:
+        raise ConfigError(
+            f"data.prompts_per_iteration={per} x iterations={iterations} needs {per * iterations} training prompts, "
+            f"but there are {pool}; lower data.prompts_per_iteration or iterations, or add prompts"
+        )
+
+
+def iteration_items(pool: list[Item], cfg: DataConfig, k: int, iterations: int, seed: int) -> list[Item]:
+    """The seed prompts iteration k trains on: with `data.prompts_per_iteration` = P, slice k of a seeded shuffle of
+    the pool (items (k-1)·P .. k·P-1), so no iteration sees a prompt an earlier one trained on; else the whole pool.
+
+    Why: both papers train each iteration on prompts the model has not trained on. Self-Rewarding (Yuan et al. 2024,
+    arXiv 2401.10020, §2.3, §3.2) creates new prompts for each of M1 → M2 → M3 (AIFT(M1), AIFT(M2)); ScPO (Prasad et
+    al. 2024, arXiv 2411.04109, §2-3) trains each iteration on problems the current model writes, "unsupervised new
+    problems". A disjoint slice of a fixed seed pool is the seed-data form of that. Reading taken: the slices are drawn
+    without replacement from one shuffle fixed by `seed`, so a rerun (and every rank) gets the same slices and adding
+    an iteration never changes earlier ones."""
+    per = cfg.prompts_per_iteration
+    if not per:
+        return pool
+    check_prompts_per_iteration(cfg, iterations, len(pool))
+    order = list(range(len(pool)))
+    random.Random(f"prompts_per_iteration-{seed}").shuffle(order)  # its own stream: not the arithmetic split's
+    return [pool[i] for i in order[(k - 1) * per : k * per]]
+
+
 def conversation(item: Item, cfg: DataConfig) -> list[dict[str, str]]:
     content = item["prompt"] + (f"\n{cfg.instruction}" if cfg.instruction else "")
     messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []

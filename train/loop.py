@@ -96,9 +96,10 @@ class Run:
         return self.out / f"iter_{k}"
 
     def adapter(self, k: int) -> Path | None:
-        """The adapter that iteration k+1 starts from (None = base model, or iteration k's adapter is not whole)."""
+        """The adapter that iteration k+1 starts from (None = base model, or iteration k's adapter is not whole).
+        k = 0: the SFT seed adapter when `sft.enabled` (M1 = SFT(M0), train/algorithms/sft_seed.py), else the base."""
         path = self.iter_dir(k) / "adapter"
-        if k <= 0 or not path.is_dir():
+        if k < 0 or (k == 0 and not self.recipe.sft.enabled) or not path.is_dir():
             return None
         if not adapter_complete(path):  # truncated by a power loss: its train phase redoes it
             log.warning("%s is incomplete (truncated safetensors or config); not using it", path)
@@ -254,6 +255,8 @@ class Run:
         inputs |= {key: recipe_value(self._tree, key) for key in reads}
         inputs |= {f"={key}": value for key, value in (values or {}).items()}
         upstream = [f"iter_{k}/{n}" for n in after] + ([f"iter_{adapter}/train"] if adapter else [])
+        if adapter == 0 and self.recipe.sft.enabled:  # the SFT seed adapter; without SFT the inputs stay as they were
+            upstream.append("iter_0/sft")
         for ref in upstream:
             j, n = int(ref.split("/")[0].removeprefix("iter_")), ref.split("/")[1]
             inputs[f"<{ref}"] = self._fingerprints.get((j, n), "absent")
@@ -293,7 +296,7 @@ class Run:
         if not same:  # resume partial work only when it was made from these inputs
             for partial in artifact.parent.glob(artifact.name + ".*partial"):
                 partial.unlink()
-            for leftover in ("checkpoints", "rollouts", "rollout_adapter") if name == "train" else ():
+            for leftover in ("checkpoints", "rollouts", "rollout_adapter") if name in ("train", "sft") else ():
                 shutil.rmtree(artifact.parent / leftover, ignore_errors=True)
             write_json(recorded, {"fingerprint": fingerprint, "inputs": inputs})  # a resumed phase keeps its record
 

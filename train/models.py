@@ -90,7 +90,12 @@ def resolve_model(name: str) -> str:
         dest = cache_root() / "models" / EMBEDDED
         if not (dest / "model.safetensors").is_file():
             dest.parent.mkdir(parents=True, exist_ok=True)
-            convert_embedded(dest)
+            from filelock import FileLock  # installed with huggingface_hub
+
+            # Ranks of one job (or parallel test workers) share the cache: one converts, the others wait for it.
+            with FileLock(str(dest) + ".lock"):
+                if not (dest / "model.safetensors").is_file():
+                    convert_embedded(dest)
         return str(dest)
     path = Path(name).expanduser()
     return str(path) if path.exists() else name  # else a hub id; loading it needs network access

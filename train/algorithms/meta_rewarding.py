@@ -3,6 +3,9 @@
 One model, three roles, one engine and one adapter:
 
     for k in 1..M:
+        seed prompts: all, or slice k of a seeded shuffle (data.prompts_per_iteration)
+        [new_problems > 0] self-instruction creation (Self-Rewarding §2.3): new
+          prompts written few-shot from the seeds, Self-Instruct's filters   -> problems.jsonl
         actor: K responses per prompt                                        -> responses.jsonl
         judge: N judgements per response, "Score: X" parsed, mean kept      -> judgements.jsonl
         actor pairs: best vs worst score (length-controlled window ρ_k)     -> actor_pairs.jsonl
@@ -33,8 +36,11 @@ from rewards.judge_pairs import (
     select_judge_pair,
 )
 from train.algorithms.dpo_iteration import train_dpo_iteration
+from train.algorithms.problems import problems_inputs, training_items
+from train.algorithms.self_instruct import generate_instructions
 from train.algorithms.self_judge import judge, meta_judge
-from train.data import conversation, load_items
+from train.algorithms.sft_seed import run_sft_seed
+from train.data import conversation, iteration_items, load_items
 from train.engine import GenParams
 from train.errors import StopRun
 from train.evaluate import judge_agreement
@@ -253,6 +259,7 @@ def run_meta_rewarding(run: Run) -> None:
     r, cfg = run.recipe, run.recipe.meta_rewarding
     items, _ = load_items(r.data, r.seed, r.max_prompts)
     items = run.fit_context(items, "train", r.sampling.max_tokens)  # over-long judge prompts: see skip_overlong
+    slices = [iteration_items(items, r.data, k, r.iterations, r.seed) for k in range(1, r.iterations + 1)]
     labelled = cfg.judge_eval_file
     judging = ("meta_rewarding.judge_temperature", "meta_rewarding.judge_max_tokens", "meta_rewarding.force_verdict")
     eval_inputs = dict(  # the labelled file's content, not only its name
@@ -266,16 +273,26 @@ def run_meta_rewarding(run: Run) -> None:
             write_json(run.iter_dir(k) / "eval.json", metrics)
         return metrics
 
-    if r.eval.enabled and labelled:
-        run.phase(0, "eval", run.iter_dir(0) / "eval.json", partial(eval_phase, 0), all_ranks=True, **eval_inputs)
+    run_sft_seed(run)  # with `sft.enabled`: M1 = SFT(M0) in iter_0/adapter, where iteration 1 starts (sft_seed.py)
+    if r.eval.enabled and labelled:  # iteration 0's eval: the model iteration 1 starts from (the SFT model, if any)
+        run.phase(0, "eval", run.iter_dir(0) / "eval.json", partial(eval_phase, 0), all_ranks=True, adapter=0,
+                  **eval_inputs)  # fmt: skip
         run.write_metrics(0)
     for k in range(1, r.iterations + 1):
         d = run.iter_dir(k)
         use_judge = cfg.meta_judge and k in cfg.judge_pair_iterations
-        run.phase(k, "generate", d / "responses.jsonl", partial(generate_responses, run, k, items), all_ranks=True,
+        seeds = slices[k - 1]  # this iteration's seed prompts (data.prompts_per_iteration)
+        if cfg.new_problems:  # self-instruction creation (Self-Rewarding §2.3): train/algorithms/self_instruct.py
+            inputs = problems_inputs("meta_rewarding", items, seeds)
+            run.phase(k, "problems", d / "problems.jsonl", partial(generate_instructions, run, k, items, seeds),
+                      all_ranks=True, adapter=k - 1, values=inputs["values"],
+                      reads=ENGINE_KEYS + ("sampling.top_p", "sampling.max_tokens") + inputs["reads"])  # fmt: skip
+        prompts = training_items(run, k, cfg, seeds)
+        run.phase(k, "generate", d / "responses.jsonl", partial(generate_responses, run, k, prompts), all_ranks=True,
                   reads=PROMPT_KEYS + ENGINE_KEYS + ("sampling.temperature", "sampling.top_p", "sampling.max_tokens",
                                                      "meta_rewarding.num_responses"),
-                  values={"prompts": items_digest(items)}, adapter=k - 1)  # fmt: skip
+                  values={"prompts": items_digest(prompts)}, after=("problems",) if cfg.new_problems else (),
+                  adapter=k - 1)  # fmt: skip
         run.phase(k, "judge", d / "judgements.jsonl", partial(judge_responses, run, k), all_ranks=True,
                   reads=ENGINE_KEYS + judging + ("meta_rewarding.num_judgements",), after=("generate",),
                   adapter=k - 1)  # fmt: skip

@@ -1,6 +1,7 @@
 """Self-Consistency Preference Optimization (Prasad et al., 2024), one iteration at a time.
 
 for k in 1..M:
+    seed prompts: all, or slice k of a seeded shuffle (data.prompts_per_iteration: new prompts each iteration)
     [scpo.new_problems > 0] write new problems few-shot from the seeds,
         keep those whose k votes agree with share >= τ (§2-3)            -> problems.jsonl
     sample k responses per unlabeled prompt with the current adapter     -> samples.jsonl
@@ -20,8 +21,8 @@ from typing import Any
 from rewards.answers import extract_answer, parse_gold
 from rewards.votes import build_pair, consistency, majority_answer, vote_counts, vote_threshold_for
 from train.algorithms.dpo_iteration import train_dpo_iteration
-from train.algorithms.problems import generate_problems, training_items
-from train.data import Item, conversation, load_items
+from train.algorithms.problems import generate_problems, problems_inputs, training_items
+from train.data import Item, conversation, iteration_items, load_items
 from train.engine import GenParams
 from train.errors import StopRun
 from train.evaluate import evaluate
@@ -160,6 +161,7 @@ def run_scpo(run: Run) -> None:
     train_items, eval_items = load_items(r.data, r.seed, r.max_prompts)
     train_items = run.fit_context(train_items, "train", r.sampling.max_tokens)
     eval_items = run.fit_context(eval_items, "eval", r.eval.max_tokens or r.sampling.max_tokens)
+    slices = [iteration_items(train_items, r.data, k, r.iterations, r.seed) for k in range(1, r.iterations + 1)]
     eval_on = r.eval.enabled and bool(eval_items)
     eval_inputs = dict(reads=PROMPT_KEYS + ENGINE_KEYS + EVAL_KEYS, values={
         "prompts": items_digest(eval_items), "max_tokens": r.eval.max_tokens or r.sampling.max_tokens})  # fmt: skip
@@ -178,12 +180,13 @@ def run_scpo(run: Run) -> None:
         tau = vote_threshold_for(k, r.scpo.vote_threshold)
         sampling = PROMPT_KEYS + ENGINE_KEYS + ("sampling.temperature", "sampling.top_p", "sampling.max_tokens",
                                                 "scpo.num_samples")  # fmt: skip
+        seeds = slices[k - 1]  # this iteration's seed prompts (data.prompts_per_iteration)
         if r.scpo.new_problems:  # the model writes its own problems (train/algorithms/problems.py)
-            run.phase(k, "problems", d / "problems.jsonl", partial(generate_problems, run, k, train_items),
-                      all_ranks=True, adapter=k - 1, values={"prompts": items_digest(train_items), "tau": tau},
-                      reads=sampling + ("scpo.new_problems", "scpo.problem_exemplars", "scpo.problem_candidates",
-                                        "scpo.problem_temperature"))  # fmt: skip
-        items = training_items(run, k, train_items)
+            inputs = problems_inputs("scpo", train_items, seeds)
+            run.phase(k, "problems", d / "problems.jsonl", partial(generate_problems, run, k, train_items, seeds),
+                      all_ranks=True, adapter=k - 1, values=inputs["values"] | {"tau": tau},
+                      reads=sampling + inputs["reads"])  # fmt: skip
+        items = training_items(run, k, r.scpo, seeds)
         run.phase(k, "generate", d / "samples.jsonl", partial(generate_samples, run, k, items), all_ranks=True,
                   reads=sampling, values={"prompts": items_digest(items)},
                   after=("problems",) if r.scpo.new_problems else (), adapter=k - 1)  # fmt: skip

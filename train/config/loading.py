@@ -235,7 +235,8 @@ def _bounds(loc: tuple[Any, ...]) -> dict[str, Any]:
 
 # Paths inside a recipe file, resolved against that file's folder (overrides on the command line are relative to the
 # working directory, like any shell argument). `output_dir` is not among them: it is where you run from.
-RECIPE_PATHS = (("data", "train_file"), ("data", "eval_file"), ("meta_rewarding", "judge_eval_file"))
+RECIPE_PATHS = (("data", "train_file"), ("data", "eval_file"), ("meta_rewarding", "judge_eval_file"),
+                ("sft", "ift_file"), ("sft", "eft_file"))  # fmt: skip
 
 
 def _resolve_paths(tree: dict[str, Any], folder: Path) -> None:

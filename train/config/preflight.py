@@ -19,19 +19,27 @@ from train.errors import ConfigError
 def preflight(recipe: Recipe, output_dir: bool = True) -> None:
     """Raise ConfigError (one line naming the key, file or line) for the first problem found. `output_dir=False`
     skips the output folder (`selfreward validate`: the run may happen on another machine)."""
-    from train.data import check_arithmetic, load_items
+    from train.algorithms.sft_seed import check_sft_data
+    from train.data import check_arithmetic, check_prompts_per_iteration, load_items
     from train.evaluate import read_labelled_pairs
     from train.models import check_model
 
     data = recipe.data
+    if data.prompts_per_iteration and recipe.score is not None:
+        raise ConfigError("data.prompts_per_iteration: SCoRe has no iterations to slice the prompts for; unset it")
     if data.source == "arithmetic":
         check_arithmetic(data)
+        pool = min(data.num_train, recipe.max_prompts or data.num_train)
+        check_prompts_per_iteration(data, recipe.iterations, pool)  # again after the context filter, in the run
     elif data.source == "jsonl":
-        load_items(data, recipe.seed)  # reads both files: UTF-8, JSON objects, string prompts, unique ids
+        # reads both files: UTF-8, JSON objects, string prompts, unique ids
+        train, _ = load_items(data, recipe.seed, recipe.max_prompts)
+        check_prompts_per_iteration(data, recipe.iterations, len(train))
     elif not data.hub_id:  # a hub dataset needs the network: checked when the run loads it
         raise ConfigError("data.hub_id: required when data.source is hub")
     if recipe.meta_rewarding is not None and recipe.meta_rewarding.judge_eval_file:
         read_labelled_pairs(recipe.meta_rewarding.judge_eval_file)
+    check_sft_data(recipe)  # `sft.ift_file` / `sft.eft_file`, when `sft.enabled`
     check_model(recipe.model)
     if output_dir:
         check_output_dir(recipe.output_dir)

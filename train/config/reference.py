@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
@@ -23,7 +24,7 @@ def _type_name(annotation: Any) -> str:
         text = "section"
     else:
         text = getattr(annotation, "__name__", None) if get_origin(annotation) is None else None
-        text = text or str(annotation).replace("typing.", "").replace("train.config.schema.", "")
+        text = text or re.sub(r"\btrain\.config\.\w+\.", "", str(annotation).replace("typing.", ""))
     return text.replace("|", "or")
 
 

@@ -9,27 +9,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from train.config.algorithm_sections import MetaRewardingConfig, ScoreConfig, ScpoConfig
+from train.config.base import (  # noqa: F401  (MAX_*: re-exported, the bounds are part of the schema)
+    MAX_LORA_RANK,
+    MAX_OPERAND,
+    MAX_SAMPLES,
+    MAX_SECONDS,
+    MAX_SEED,
+    MAX_TOKENS,
+    Section,
+    unit_fractions,
+)
+from train.config.sft import SftConfig
 from train.errors import ConfigError
-
-# Generous upper bounds: a value above them is a typo (`1e20`), refused before any model loads, with the limit.
-MAX_TOKENS = 2**21  # 2M tokens: any context window or completion length in sight
-MAX_SAMPLES = 1024  # samples, responses or judgements per prompt
-MAX_LORA_RANK = 512  # the largest rank vLLM serves (train.engine.VLLM_LORA_RANKS[-1]; a test keeps them equal)
-MAX_OPERAND = 1000  # synthetic arithmetic: (max_a + 1) * (max_b + 1) questions are enumerated
-MAX_SECONDS = 30 * 86400.0  # timeouts: 30 days (timedelta and the process group take no more)
-MAX_SEED = 2**31 - 1 - 4096  # numpy takes seeds below 2**32; each process adds its rank
-
-
-def _unit_fractions(values: list[float]) -> list[float]:
-    if not values or any(not 0.0 <= t <= 1.0 for t in values):
-        raise ValueError("must be a non-empty list of fractions in [0, 1]")
-    return values
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DataConfig(Section):
@@ -78,6 +72,14 @@ class DataConfig(Section):
         "equivalence), `choice` (a letter A-E), `exact` (normalised string after `Answer:`).",
     )
     eval_limit: int | None = Field(None, ge=1, description="Cap on evaluation prompts (None = all).")
+    prompts_per_iteration: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="Iteration k trains on slice k of a seeded shuffle of the training prompts (after `max_prompts`), "
+        "so no iteration repeats an earlier one's prompts (ScPO, Meta-/Self-Rewarding; not SCoRe). None = every "
+        "iteration uses them all.",
+    )
 
 
 class SamplingConfig(Section):
@@ -190,90 +192,6 @@ class EvalConfig(Section):
     )
 
 
-class ScpoConfig(Section):
-    num_samples: int = Field(8, ge=2, le=MAX_SAMPLES, description="k: samples per unlabeled prompt (paper: 8).")
-    vote_threshold: list[float] = Field(
-        [0.5, 0.7],
-        description="τ per iteration as a fraction of k; a pair is kept only if V(y+) ≥ τ·k. "
-        "The last value repeats for later iterations (paper GSM8K: 0.5 at M0, 0.7 at M1).",
-    )
-    beta: float = Field(0.5, gt=0.0, description="DPO β (paper: 0.5).")
-    nll_alpha: float = Field(
-        1.0, ge=0.0, description="α on the length-normalised NLL of the chosen response (paper: 1)."
-    )
-    min_vote_margin: int = Field(
-        1,
-        ge=0,
-        le=MAX_SAMPLES,
-        description="A pair needs V(y+) − V(y−) ≥ this many votes. 1 drops ties such as 4–4 of 8 (weight 0); "
-        "0 keeps them, which trains on nothing and only exercises the pipeline.",
-    )
-    semi_supervised: bool = Field(False, description="Where a gold answer exists, it decides chosen and rejected.")
-    pairs_per_prompt: int = Field(1, ge=1, le=MAX_SAMPLES, description="Pairs built per prompt (distinct samples).")
-    new_problems: int = Field(
-        0,
-        ge=0,
-        le=1_000_000,
-        description="Generated problems to keep per iteration (paper §2: the model writes new problems few-shot from "
-        "the seed questions; one is kept when its k votes agree with share ≥ τ). 0 = off: train on the seed prompts.",
-    )
-    seed_problems: bool = Field(True, description="With new_problems > 0, also train on the seed (dataset) prompts.")
-    problem_exemplars: int = Field(4, ge=1, le=64, description="Seed questions shown per problem-writing prompt.")
-    problem_candidates: int = Field(
-        256, ge=1, le=10_000_000, description="Most problems written per iteration while looking for new_problems."
-    )
-    problem_temperature: float = Field(1.0, ge=0.0, description="Sampling temperature when writing problems.")
-
-    _fractions = field_validator("vote_threshold")(classmethod(lambda cls, v: _unit_fractions(v)))
-
-
-class MetaRewardingConfig(Section):
-    num_responses: int = Field(7, ge=2, le=MAX_SAMPLES, description="K: actor responses per prompt.")
-    num_judgements: int = Field(11, ge=1, le=MAX_SAMPLES, description="N: judgements per response.")
-    judge_temperature: float = Field(0.8, ge=0.0, description="Temperature of the judge samples.")
-    judge_max_tokens: int = Field(256, ge=16, le=MAX_TOKENS, description="Max tokens per judgement.")
-    beta: float = Field(0.1, gt=0.0, description="DPO β.")
-    meta_judge: bool = Field(True, description="Train the judge with meta-judge pairs (off = Self-Rewarding).")
-    length_control: bool = Field(True, description="Length-controlled actor pair selection.")
-    length_rho: list[float] = Field([0.0, 0.32, 0.32, 0.4], description="ρ per iteration; the last repeats.")
-    _rho = field_validator("length_rho")(classmethod(lambda cls, v: _unit_fractions(v)))
-    judge_pair_iterations: list[int] = Field([1, 2], description="Iterations that also train on judge pairs.")
-    max_judgement_chars: int = Field(
-        1500,
-        ge=1,
-        le=10_000_000,
-        description="A judge pair whose chosen (highest-Elo) judgement is longer than this is dropped, against the "
-        "meta-judge's length bias (Meta-Rewarding §2.2); the rejected judgement may be longer.",
-    )
-    force_verdict: bool = Field(
-        False,
-        description="Continue judgements that never state `Score: X` (or `Winner: ...`) with that prefix for a "
-        "few greedy tokens; counted in metrics. For small models that ramble past the format.",
-    )
-    judge_eval_file: str | None = Field(
-        None,
-        description="JSONL of labelled pairs (`prompt`, `response_a`, `response_b`, `preferred` a|b) for "
-        "judge agreement and self-preference bias at each eval. Relative: as `data.train_file`.",
-    )
-    judge_eval_samples: int = Field(
-        3, ge=1, le=MAX_SAMPLES, description="Judgements averaged per response in the judge eval."
-    )
-
-
-class ScoreConfig(Section):
-    stage1_steps: int = Field(20, ge=0, le=10_000_000, description="Stage I optimisation steps.")
-    stage2_steps: int = Field(20, ge=0, le=10_000_000, description="Stage II optimisation steps.")
-    beta1: float = Field(0.01, ge=0.0, description="KL coefficient on attempt 2 (and attempt 1 in Stage II).")
-    beta2: float = Field(0.1, ge=0.0, description="Stage I KL coefficient on attempt 1.")
-    alpha: float = Field(10.0, ge=0.0, description="Shaping bonus α·(r(y2) − r(y1)) in Stage II.")
-    reward: str = Field("verifier", description="`verifier`, `self_verify`, or a dotted import path.")
-    correction_instruction: str = Field(
-        "There might be an error in the solution above because of lack of understanding of the question. "
-        "Please correct the error, if any, and rewrite the solution. Only output the final solution!",
-        description="User turn appended between the two attempts.",
-    )
-
-
 @dataclass(frozen=True)
 class Algorithm:
     """One row of the algorithm table: everything the CLI, the schema and the trainers need to know about it."""
@@ -365,6 +283,7 @@ class Recipe(Section):
         None, description="Meta-/Self-Rewarding settings (algorithm: meta_rewarding or self_rewarding)."
     )
     score: ScoreConfig | None = Field(None, description="SCoRe settings (algorithm: score).")
+    sft: SftConfig = Field(default_factory=SftConfig, description="SFT seed phase (Self-/Meta-Rewarding).")
 
     @field_validator("output_dir", mode="before")
     @classmethod
@@ -381,6 +300,8 @@ class Recipe(Section):
         for name in SECTIONS:
             if name != algo.section and getattr(self, name) is not None:
                 raise ValueError(f"section `{name}` does not apply to algorithm `{self.algorithm}`")
+        if self.sft.enabled and algo.section != "meta_rewarding":
+            raise ValueError(f"sft.enabled: the SFT seed phase is Self-/Meta-Rewarding's, not `{self.algorithm}`'s")
         section = getattr(self, algo.section)
         if section is None:
             section = algo.section_cls()
