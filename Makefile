@@ -20,11 +20,16 @@ demo: setup
 	$(VENV)/bin/selfreward run recipes/scpo/smollm2-135m-cpu.yaml
 	$(VENV)/bin/selfreward report runs/demo
 
+# One pytest-xdist worker per core (at most 4: the slow tests each start engines and ranks of their own);
+# TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+
 test: setup
-	$(PY) -m pytest -q -ra --durations=15 tests
+	$(PY) -m pytest -q -ra --durations=15 $(XDIST) tests
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not integration" tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow and not integration" tests
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

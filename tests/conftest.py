@@ -11,6 +11,33 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of the cores. Before torch is
+# imported: OpenMP threads that outnumber the cores spin at every barrier, and a tiny model's many small ops then
+# run several times slower. Subprocesses inherit it; a test that needs other thread settings sets its own.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _workers))
+
+
+def _fixture_defs(item) -> list:
+    info = getattr(item, "_fixtureinfo", None)  # doctest items have none
+    return list(info.name2fixturedefs.values()) if info else []
+
+
+def pytest_collection_modifyitems(config, items):
+    """For a parallel run (`--dist loadgroup`): SLURM tests share one cluster, and the tests of a module with a
+    module-scoped fixture (one engine, one run) share it, so each group goes to one worker; modules with slow tests
+    start first, so that no long test is left running alone at the end."""
+    slow_modules = set()
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif any(d[-1].scope == "module" for d in _fixture_defs(item)):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        if item.get_closest_marker("slow"):
+            slow_modules.add(item.module.__name__)
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)  # stable: modules stay whole, in order
+
 
 def require(module: str) -> None:
     """Skip when an optional component is missing, but fail under CI=true, which installs it."""

@@ -376,6 +376,7 @@ def test_score_recipe_end_to_end(tmp_path):
     cmd += ["score.stage1_steps=2", "score.stage2_steps=2", "max_prompts=4"]
     # smaller than the demo so that this stays short: 8 rollouts per step, 4 eval prompts
     cmd += ["trainer.gradient_accumulation_steps=1", "data.num_eval=4", "eval.num_samples=1"]
+    cmd += ["sampling.max_tokens=16", "eval.max_tokens=16"]  # a+b answers fit; half the decode steps of 32
     proc = _run(cmd, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

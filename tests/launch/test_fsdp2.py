@@ -262,11 +262,12 @@ def test_fsdp2_trains_and_publishes_whole_adapters(tmp_path, smollm2_dir):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_fsdp2_score_publishes_each_step_and_stage2_starts_from_stage1(tmp_path, smollm2_dir):
+def test_fsdp2_score_publishes_each_step_and_stage2_starts_from_stage1(tmp_path, tiny_model_dir):
     # SCoRe publishes the rollout adapter inside every training step, from the sharded model, and Stage II loads
-    # Stage I's adapter in build_trainer (`gathered(..., modifier_rank=0)`).
+    # Stage I's adapter in build_trainer (`gathered(..., modifier_rank=0)`). The tiny random Llama: its rewards are
+    # all 0, so Stage II's LoRA A equals Stage I's exactly if it was loaded, and differs by its init if not.
     out = tmp_path / "run"
-    res = _launch_fsdp2(tmp_path, out, SCORE, SCORE_OVERRIDES)
+    res = _launch_fsdp2(tmp_path, out, SCORE, [*SCORE_OVERRIDES, f"model={tiny_model_dir}"])
     assert res.stderr.count("training on 2 processes, FSDP on cpu") == 2  # Stage I and II
     stage1, stage2 = _lora(out / "iter_1" / "adapter"), _lora(out / "iter_2" / "adapter")
     assert stage1.keys() == stage2.keys() and all(stage1[k].shape == stage2[k].shape for k in stage1)
