@@ -60,9 +60,12 @@ def _apt(*args: str) -> str | None:
         if os.geteuid() != 0 or apt is None:
             _APT[key] = "not root" if apt else "no apt-get"
         else:
+            from filelock import FileLock
+
             env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
-            try:
-                res = subprocess.run([apt, *args], capture_output=True, text=True, env=env, timeout=900)
+            try:  # parallel workers (and the SLURM setup) would collide on dpkg's lock: one apt-get at a time
+                with FileLock("/tmp/selfreward-tests-apt.lock"):
+                    res = subprocess.run([apt, *args], capture_output=True, text=True, env=env, timeout=900)
                 why = f"apt-get {key} exited {res.returncode}: {res.stderr[-500:]}"
                 _APT[key] = None if res.returncode == 0 else why
             except subprocess.TimeoutExpired:

@@ -72,8 +72,12 @@ install_packages() {
   fi
   command -v apt-get >/dev/null || die "slurm-wlm/munge missing and no apt-get: install SLURM and munge by hand"
   say "installing slurm-wlm and munge (apt)"
+  # the lock the test session's own apt-get calls take (tests/conftest.py): parallel test workers share dpkg
+  exec 9>/tmp/selfreward-tests-apt.lock
+  flock 9
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+  flock -u 9
 }
 
 start_munge() {
