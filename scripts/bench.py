@@ -50,15 +50,17 @@ def _load_average() -> list[float] | None:
 
 
 def scpo_child(result_json: str, argv: list[str]) -> int:
-    """Runs inside the child: `selfreward run ...`, then records where the time went."""
+    """Runs inside the child: `selfreward run ...` as the console script does (`train.cli.entry`), then records
+    where the time went."""
     t_main = time.time()
     from train import engine
-    from train.cli import main
+    from train.cli import end_process, main
 
-    rc = main(["run", *argv])
+    rc = main(["run", *argv], exit_after=True)
     t_end = time.time()
     record = {"rc": rc, "t_enter": T_ENTER, "t_main": t_main, "t_end": t_end} | engine.engine_stats()
     Path(result_json).write_text(json.dumps(record))
+    end_process(rc)  # as `selfreward` ends (train.cli.entry); does not return
     return rc
 
 
@@ -302,6 +304,13 @@ def bench_rest(out_root: Path, stamp: str, results: dict[str, Any]) -> None:
         _log(f"vLLM with LoRA, vLLM's own CPU ops: {results['vllm_lora_tokens_per_s_vllm_ops']} tokens/s")
     except Exception as e:
         results["errors"]["lora_vllm_ops"] = f"{type(e).__name__}: {e}"
+    try:  # CPU top-p per decode step: vLLM's sort, one topk(1024), the tiers (scripts/bench_top_p.py)
+        from bench_top_p import measure
+
+        results["top_p"] = measure()
+        _log(f"top-p step s: {results['top_p']['step_s']}")
+    except Exception as e:
+        results["errors"]["top_p"] = f"{type(e).__name__}: {e}"
 
 
 def main() -> int:

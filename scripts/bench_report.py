@@ -59,6 +59,8 @@ def print_table(results: dict[str, Any], roofline_only: bool = False) -> None:
         for k in ("wall_s", "model_work_s", "cli_outside_phases_s", "engine_close_s", "teardown_s")
         if not roofline_only
     ]
+    top_p = (results.get("top_p") or {}).get("step_s") or {}  # scripts/bench_top_p.py
+    rows += [(f"top-p step s, {k}", v) for k, v in top_p.items()]
     peaks = results.get("peak_matmul_flops") or {}
     rows += [(f"peak matmul {dt} GFLOP/s", v and round(v / 1e9, 1)) for dt, v in peaks.items()]
     rows += [(k, results.get(k)) for k in (*(f"{p}_peak_fraction" for p in ("generate", "train", "eval")),

@@ -49,7 +49,8 @@ def _print_eval_table(out: Path) -> None:
         print(f"\nHeld-out evaluation ({out})\n{_table(rows)}")
 
 
-def cmd_run(recipe: Recipe, redo: list[str] | None = None) -> int:
+def cmd_run(recipe: Recipe, redo: list[str] | None = None, exit_after: bool = False) -> int:
+    """`exit_after`: the process ends when this returns (`entry`), so the engine skips returning its memory."""
     from train.errors import StopRun
     from train.loop import Run
 
@@ -74,7 +75,7 @@ def cmd_run(recipe: Recipe, redo: list[str] | None = None) -> int:
             run.tracker.finish()
         from train.engine import close_sampler
 
-        close_sampler()  # vLLM's own exit hook would wait ~5 s longer for its worker
+        close_sampler(release_memory=not exit_after)  # vLLM's own exit hook would wait ~5 s longer for its worker
         from train.runtime import distributed as dist
 
         dist.shutdown()
@@ -202,7 +203,8 @@ def _raise_interrupt(signum, frame):  # SIGTERM from SLURM/preemption takes the 
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, exit_after: bool = False) -> int:
+    """The CLI. `exit_after=True` (`entry`): the process ends right after, so nothing is cleaned up for later."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from train.runtime.progress import progress_enabled
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.configure(recipe.distributed_timeout_s)  # before anything creates the process group
         dist.share_cpu_threads()  # before an in-process vLLM-CPU engine pins torch's thread count
         if args.command == "run":
-            return cmd_run(recipe, args.redo)
+            return cmd_run(recipe, args.redo, exit_after)
         return cmd_eval(recipe, args.data)
     except ConfigError as e:
         print(f"selfreward: error: {e}", file=sys.stderr)
@@ -257,13 +259,30 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def end_process(code: int) -> None:
+    """End a finished `selfreward` process cheaply, with status `code`; call it only when nothing runs after it.
+
+    Closes an engine still open (`eval`) without handing its memory back, joins non-daemon threads and runs the
+    atexit hooks (wandb's, logging's, vLLM's) as the interpreter would, then exits without interpreter teardown:
+    tearing down the modules of torch, vLLM and TRL (about 6,000) runs full garbage collections over the whole heap
+    for 3-5 s on a 2-core box (docs/results.md, issue 15), and leaves nothing behind that the hooks and the writers
+    have not already flushed (artifacts are fsynced and renamed, the tracker finished, in `cmd_run`). After an
+    interrupt the hooks are skipped too: cleanup already ran in `main`, and CPython's exit path for a caught
+    KeyboardInterrupt was seen to end the process by SIGINT (status -2, not 130) in tests/algorithms/test_faults.py.
+    """
+    import atexit
+    import threading
+
+    if code != EXIT_INTERRUPTED:
+        engine = sys.modules.get("train.engine")  # loaded only by commands that sample
+        if engine is not None:
+            engine.close_sampler(release_memory=False)
+        threading._shutdown()  # what interpreter exit does first: wait for non-daemon threads
+        atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def entry() -> None:
-    code = main()
-    if code == EXIT_INTERRUPTED:
-        # Cleanup (tracker, engine) already ran. After main() had caught the interrupt, the interpreter was seen to
-        # end by SIGINT (status -2, not 130) in tests/algorithms/test_faults.py, apparently CPython's "unhandled
-        # KeyboardInterrupt" exit path; skip interpreter teardown so the documented status is what the caller sees.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    end_process(main(exit_after=True))

@@ -38,6 +38,26 @@ def test_top_p_keeps_vllms_tokens_and_logits(vllm_ops):
     assert 1 <= kept[3:].sum(1).min() and kept[3:].sum(1).max() < 1024 and kept[:3].sum(1).min() > 1024
 
 
+def test_every_tier_keeps_vllms_tokens(vllm_ops):
+    """Rows decided by top 64, rows only top 1024 decide (a head of 300 near-equal tokens), flat rows (vLLM's sort),
+    interleaved: each row's kept set is vLLM's, whichever tier decides it, and whatever the tiers are."""
+    from train.engine.vllm_cpu_sampler import apply_top_k_top_p, top_p_from_top_k
+
+    g = torch.Generator().manual_seed(3)
+    logits = _lm_like(24, 49152, 4)
+    logits[1::3] = torch.randn(8, 49152, generator=g)
+    logits[1::3, :300] += 8.0  # the medium rows: about 95% of the mass in 300 tokens
+    logits[2::6] = torch.randn(4, 49152, generator=g) * 0.01  # flat
+    p = torch.rand(24, generator=g) * 0.4 + 0.5
+    by_64, by_1024 = top_p_from_top_k(logits, p, 64)[1], top_p_from_top_k(logits, p, 1024)[1]
+    assert by_64.any() and (by_1024 & ~by_64).any() and (~by_1024).any(), "each tier decides some row"
+    kept_ref = torch.isfinite(vllm_ops.apply_top_k_top_p_pytorch(logits.clone(), None, p, allow_cpu_sync=True))
+    for tiers in [(64, 1024), (64,), (1024,), (8, 64, 1024)]:
+        ours = apply_top_k_top_p(logits.clone(), None, p, candidates=tiers)
+        assert torch.equal(torch.isfinite(ours), kept_ref), tiers
+        assert torch.equal(ours[kept_ref], logits[kept_ref])
+
+
 def test_top_k_and_no_filter_are_vllms(vllm_ops):
     from train.engine.vllm_cpu_sampler import apply_top_k_top_p
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -35,10 +36,15 @@ _ENGINE_KEY: tuple | None = None
 _STATS: dict[str, float | None] = {}  # timings of the last engine this process closed (scripts/bench.py)
 
 
-def close_sampler() -> None:
-    """Shut down this process's engine at the end of a command; a later `get_sampler` builds a new one."""
+def close_sampler(release_memory: bool = True) -> None:
+    """Shut down this process's engine at the end of a command; a later `get_sampler` builds a new one.
+
+    `release_memory=False` when the process exits next: the engine stops without the garbage collections that
+    hand its memory back for later use (`VLLMSampler.close`)."""
     global _ENGINE, _ENGINE_KEY
     engine, close = _ENGINE, getattr(_ENGINE, "close", None)
+    if isinstance(engine, VLLMSampler):
+        close = functools.partial(engine.close, release_memory=release_memory)
     _ENGINE = _ENGINE_KEY = None
     if engine is not None:
         _STATS.clear()

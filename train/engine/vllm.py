@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -218,10 +219,15 @@ class VLLMSampler:
             for out in outs
         ]
 
-    def close(self) -> None:
+    def close(self, release_memory: bool = True) -> None:
         """Stop the engine now. At exit vLLM waits 5 s for its CPU worker before killing it; on CPU there is no
-        device state to release, so 1 s of grace is enough (measured: 7-9 s -> 2-4 s from return to process exit)."""
-        self.llm.llm_engine.engine_core.shutdown(timeout=None if self._on_gpu else 1.0)
+        device state to release, so 1 s of grace is enough (measured: 7-9 s -> 2-4 s from return to process exit).
+
+        `release_memory=False` (the process exits next): vLLM's shutdown still runs whole, but its two full
+        `gc.collect()` passes, which only return the engine's memory for later use, are skipped: each walks the
+        whole heap, 2 s together on the 2-core box (docs/results.md, issue 15)."""
+        with contextlib.nullcontext() if release_memory else _gc_collect_skipped():
+            self.llm.llm_engine.engine_core.shutdown(timeout=None if self._on_gpu else 1.0)
 
     def sleep(self) -> None:
         if self._on_gpu and not self._asleep and self.llm.llm_engine.vllm_config.model_config.enable_sleep_mode:
@@ -233,6 +239,19 @@ class VLLMSampler:
             free_accelerator_memory()  # the finished trainer's tensors first, as TRL does ("required to avoid OOM")
             self.llm.wake_up()
             self._asleep = False
+
+
+@contextmanager
+def _gc_collect_skipped():
+    """`gc.collect()` does nothing inside (vLLM calls it through the module attribute, as everyone does)."""
+    import gc
+
+    collect = gc.collect
+    gc.collect = lambda generation=2: 0
+    try:
+        yield
+    finally:
+        gc.collect = collect
 
 
 def free_accelerator_memory() -> None:

@@ -7,8 +7,11 @@ bench's rate (top_p 1.0, no sort), issue 15.
 
 The top-p set of a row is the smallest prefix of its tokens, by descending probability, whose mass reaches p: vLLM
 keeps a token when the mass of the tokens ranked above it is below p. Those tokens are all among the row's K most
-probable whenever the K together hold at least p of the mass, so `torch.topk(K)` decides the row exactly; rows
-whose top K hold less (flat distributions) go through vLLM's own sort. The kept set is the same as vLLM's up to the
+probable whenever the K together hold at least p of the mass, so `torch.topk(K)` decides the row exactly. K grows
+in tiers (`CANDIDATES`): a small K first, since at top-p 0.9 a language model's row keeps a handful of tokens, then
+a large K for the rows the small one did not decide, and vLLM's own sort for the rows whose top 1,024 still hold
+less (flat distributions). A row's kept set does not depend on the tier that decided it (the cumulative sums of
+its first tokens are the same), so the tiers only change the cost. The kept set is the same as vLLM's up to the
 order of equal probabilities and floating-point rounding of the cumulative sum at the boundary.
 `SELFREWARD_CPU_TOP_P_FASTPATH=0` turns it off.
 """
@@ -19,10 +22,14 @@ import torch
 
 from train.engine.vllm_cpu_lora import cpu_fastpath_enabled
 
-CANDIDATES = 1024  # K: the top-p=0.9 set of a language model at T=0.7-1.0 is rarely more than a few hundred tokens
+# K per tier: the top-p=0.9 set of a language model at T=0.7-1.0 is a few tokens for most rows and rarely more than a
+# few hundred; topk's cost grows with K (measured in scripts/bench_top_p.py).
+CANDIDATES = (64, 1024)
 
 
-def top_p_from_top_k(logits: torch.Tensor, p: torch.Tensor, k: int = CANDIDATES) -> tuple[torch.Tensor, torch.Tensor]:
+def top_p_from_top_k(
+    logits: torch.Tensor, p: torch.Tensor, k: int = CANDIDATES[-1]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(masked, decided): `logits` with every token outside its row's top-p set at -inf (a new tensor), valid where
     `decided[b]`: row b's k most probable tokens hold at least p[b] of its probability mass."""
     k = min(k, logits.shape[-1])
@@ -38,15 +45,23 @@ def top_p_from_top_k(logits: torch.Tensor, p: torch.Tensor, k: int = CANDIDATES)
     return masked, decided
 
 
-def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor:
-    """vLLM's `apply_top_k_top_p` (same arguments and result), top-p by `topk` instead of a sort of every row."""
+def apply_top_k_top_p(
+    logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None, candidates: tuple[int, ...] = CANDIDATES
+) -> torch.Tensor:
+    """vLLM's `apply_top_k_top_p` (same arguments and result), top-p by `topk` instead of a sort of every row:
+    each tier of `candidates` takes the rows the smaller ones left undecided, vLLM's sort the rest."""
     from vllm.v1.sample.ops import topk_topp_sampler as vllm_ops
 
     if p is None or k is not None:  # top-k alone already avoids the sort; top-k with top-p stays vLLM's
         return vllm_ops.apply_top_k_top_p_pytorch(logits, k, p, allow_cpu_sync=True)
-    masked, decided = top_p_from_top_k(logits, p)
-    if not bool(decided.all()):  # flat rows: vLLM's sort, for those rows only
-        rest = ~decided
+    masked, decided = top_p_from_top_k(logits, p, candidates[0])
+    rest = (~decided).nonzero().squeeze(1)  # rows still undecided, as indices into the batch
+    for k_tier in candidates[1:]:
+        if rest.numel() == 0:
+            break
+        masked[rest], decided = top_p_from_top_k(logits[rest], p[rest], k_tier)
+        rest = rest[~decided]
+    if rest.numel():  # flat rows: vLLM's sort, for those rows only
         masked[rest] = vllm_ops.apply_top_k_top_p_pytorch(logits[rest].float(), None, p[rest], allow_cpu_sync=True)
     return masked.to(logits.dtype)
 
