@@ -19,24 +19,13 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.e
     os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _workers))
 
 
-def _fixture_defs(item) -> list:
-    info = getattr(item, "_fixtureinfo", None)  # doctest items have none
-    return list(info.name2fixturedefs.values()) if info else []
-
-
 def pytest_collection_modifyitems(config, items):
-    """For a parallel run (`--dist loadgroup`): SLURM tests share one cluster, and the tests of a module with a
-    module-scoped fixture (one engine, one run) share it, so each group goes to one worker; modules with slow tests
-    start first, so that no long test is left running alone at the end."""
-    slow_modules = set()
-    for item in items:
-        if "slurm_cluster" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-        elif any(d[-1].scope == "module" for d in _fixture_defs(item)):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-        if item.get_closest_marker("slow"):
-            slow_modules.add(item.module.__name__)
-    items.sort(key=lambda item: item.module.__name__ not in slow_modules)  # stable: modules stay whole, in order
+    """For a parallel run (`make test`: `--dist loadfile`, a file's tests on one worker, so its module fixtures and
+    the one SLURM cluster are shared): files with slow tests start first, so that no long test is left running
+    alone at the end. (`--dist loadgroup` would place single tests, but xdist 3.8 marks a group by rewriting
+    `item._nodeid`, which pytest 9 no longer reads: the groups were silently ignored.)"""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: files stay whole and in order
 
 
 def require(module: str) -> None:

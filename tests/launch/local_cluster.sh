@@ -117,7 +117,7 @@ start_munge() {
 
 write_conf() {
   local cpus mem_mb headroom real_mem tmp
-  cpus=$(nproc)
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS (1 in parallel test workers)
   mem_mb=$(($(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024))
   headroom=${SLURM_LOCAL_MEM_HEADROOM_MB:-$((mem_mb / 10 > 512 ? mem_mb / 10 : 512))}
   real_mem=$((mem_mb - headroom))

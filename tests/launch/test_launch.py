@@ -506,6 +506,10 @@ def _wait_job_end(job: str, timeout: float) -> str:
 @pytest.mark.integration
 def test_sbatch_runs_the_cli(slurm_cluster, tmp_path):
     """validate path: proves sbatch -> template -> `python -m train` from the repo dir, no pipeline needed."""
+    # The node offers every core, whatever OMP_NUM_THREADS the test worker has (nproc obeys it): with fewer, a job
+    # asking for the cores (as _sbatch does) would wait forever on PartitionConfig.
+    nodes = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, timeout=60).stdout
+    assert f"CPUTot={len(os.sched_getaffinity(0))} " in nodes, nodes
     res, job, log = _sbatch(tmp_path, RECIPE, f"output_dir={tmp_path}/run", env={"SELFREWARD_COMMAND": "validate"})
     text = log.read_text() if log.exists() else ""
     assert res.returncode == 0, res.stderr + text
