@@ -23,7 +23,7 @@ demo: setup
 # One pytest-xdist worker per core (at most 4: the slow tests each start engines and ranks of their own), a test
 # file per worker at a time (module fixtures, the SLURM cluster); TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
-XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 test: setup
 	$(PY) -m pytest -q -ra --durations=15 $(XDIST) tests

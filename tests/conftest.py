@@ -21,8 +21,8 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.e
 
 def pytest_collection_modifyitems(config, items):
     """For a parallel run (`make test`: `--dist loadfile`, a file's tests on one worker, so its module fixtures and
-    the one SLURM cluster are shared): files with slow tests start first, so that no long test is left running
-    alone at the end. (`--dist loadgroup` would place single tests, but xdist 3.8 marks a group by rewriting
+    the one SLURM cluster are shared; `--no-loadscope-reorder`, so files go out in this order, not by test count):
+    files with slow tests start first, so that no long test is left running alone at the end. (`--dist loadgroup` would place single tests, but xdist 3.8 marks a group by rewriting
     `item._nodeid`, which pytest 9 no longer reads: the groups were silently ignored.)"""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)  # stable: files stay whole and in order
