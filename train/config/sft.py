@@ -8,16 +8,16 @@ Meta-Rewarding (Wu et al., 2024, arXiv 2407.19594, §3.1) starts from Llama-3-8B
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from train.config.base import Section
 
 # What the SFT phase takes from the recipe's `trainer:` (a DPOConfig mapping): precision and memory only. Learning
 # rate, schedule, batch and length are the SFT phase's own (`sft.*`), never the DPO iterations'.
 SFT_TRAINER_KEYS = ("bf16", "fp16", "gradient_checkpointing", "gradient_checkpointing_kwargs")
 
 
-class SftConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class SftConfig(Section):
     enabled: bool = Field(
         False,
         description="Run the SFT seed phase (`iter_0/adapter`, phase `sft`) before iteration 1, which then starts "
