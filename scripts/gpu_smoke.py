@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
 import importlib.util
 import inspect
 import json
 import os
 import shutil
-import site
 import socket
 import subprocess
 import sys
@@ -39,55 +37,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling module, also from the zero3 subprocess
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules, also from the zero3 subprocess
+from gpu_smoke_env import VERSIONS, install_missing, version  # noqa: E402
 from gpu_smoke_models import SHAPES, build_model_dir, words  # noqa: E402
 
 STAGES = ("dpo_iter1", "dpo_iter2", "score_stage1", "zero3")
-# import name -> distribution: what the project's trainers and DeepSpeed import beyond a torch+transformers image.
-NEEDED = {"trl": "trl", "datasets": "datasets", "dill": "dill", "multiprocess": "multiprocess",
-          "pydantic": "pydantic", "pydantic_core": "pydantic-core", "annotated_types": "annotated-types",
-          "typing_inspection": "typing-inspection", "hjson": "hjson", "deepspeed": "deepspeed"}  # fmt: skip
-VERSIONS = (
-    "torch",
-    "transformers",
-    "peft",
-    "accelerate",
-    "trl",
-    "datasets",
-    "deepspeed",
-    "pydantic",
-    "pyarrow",
-    "fsspec",
-    "huggingface_hub",
-)
-# ---- setup: wheels (models and tokenizer: scripts/gpu_smoke_models.py) ------------------------------------------------------------------------------
-
-
-def install_missing(wheelhouse: Path, site_dir: Path) -> tuple[list[str], str | None]:
-    """pip-install (no index, no deps) the needed distributions this interpreter lacks into `site_dir`, and use it.
-    Returns what was missing and, if installing failed, why (the stages that need it then fail on their import)."""
-    missing = [dist for mod, dist in NEEDED.items() if importlib.util.find_spec(mod) is None]
-    error = None
-    if missing and not wheelhouse.is_dir():
-        error = f"no wheelhouse at {wheelhouse} (scripts/build_wheelhouse.sh)"
-    elif missing:
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-cache-dir",
-               "--disable-pip-version-check", "--find-links", str(wheelhouse), "--target", str(site_dir), *missing]  # fmt: skip
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        print(res.stdout + res.stderr, end="")
-        if res.returncode:
-            error = ([s for s in res.stderr.splitlines() if s.strip()] or [f"pip exit {res.returncode}"])[-1][:500]
-    # Appended after the interpreter's own site-packages: nothing here shadows what the machine has. The folder's
-    # name holds "site-packages" because dill (datasets' fingerprints) pickles modules from elsewhere by value.
-    if site_dir.is_dir():
-        site.addsitedir(str(site_dir))
-        importlib.invalidate_caches()
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(site_dir)]))
-    if error:
-        print(f"gpu_smoke: installing {missing} failed: {error}")
-    return ([] if error else missing), error
-
-
 # ---- measurement ---------------------------------------------------------------------------------------------------
 
 
@@ -300,13 +254,6 @@ def zero3_worker(a: argparse.Namespace) -> None:
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
-
-
-def version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def write(out: Path, report: dict[str, Any]) -> None:
