@@ -19,22 +19,17 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from train.config.sft import SFT_TRAINER_KEYS
-from train.errors import NonFiniteLossError
 from train.models import describe_dtypes, load_tokenizer, lora_config
 from train.runtime import distributed as dist
 from train.trainers.adapters import publish_adapter
 from train.trainers.checkpoints import last_complete_checkpoint
-from train.trainers.trl_config import build_trl_config, cpu_bf16_autocast
+from train.trainers.trl_config import StopOnNonFiniteLoss, build_trl_config, cpu_bf16_autocast
 
 log = logging.getLogger("selfreward")
 
 
-class _FiniteSFTTrainer(SFTTrainer):
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        loss = super().training_step(*args, **kwargs)
-        if not loss.isfinite().all():
-            raise NonFiniteLossError(f"SFT loss became {loss.item()} at optimizer step {self.state.global_step + 1}")
-        return loss
+class _FiniteSFTTrainer(StopOnNonFiniteLoss, SFTTrainer):
+    loss_name = "SFT loss"
 
 
 def sft_config(

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from train.errors import NonFiniteLossError
 from train.models import bf16_supported, distributed_defaults, trainer_model_kwargs
 from train.runtime.progress import progress_enabled
 
@@ -53,3 +54,17 @@ def build_trl_config(
     config = cls(**(shared_defaults() | defaults | overrides | owned))
     config.model_init_kwargs = trainer_model_kwargs(model_dtype) | (config.model_init_kwargs or {})
     return config
+
+
+class StopOnNonFiniteLoss:
+    """Mixed in before a TRL trainer class: a NaN/inf loss stops the run naming the optimizer step
+    (NonFiniteLossError -> `selfreward: stopped: ...`) instead of training on. `loss_name` names the loss."""
+
+    loss_name = "loss"
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = super().training_step(*args, **kwargs)  # type: ignore[misc]
+        if not torch.isfinite(loss).all():
+            step = self.state.global_step + 1  # type: ignore[attr-defined]
+            raise NonFiniteLossError(f"{self.loss_name} became {loss.item()} at optimizer step {step}")
+        return loss

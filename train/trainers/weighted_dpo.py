@@ -22,12 +22,11 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import create_model_from_path
 
-from train.errors import NonFiniteLossError
 from train.models import describe_dtypes, load_adapter, load_tokenizer, lora_config
 from train.runtime import distributed as dist
 from train.trainers.adapters import publish_adapter
 from train.trainers.checkpoints import last_complete_checkpoint
-from train.trainers.trl_config import build_trl_config, cpu_bf16_autocast
+from train.trainers.trl_config import StopOnNonFiniteLoss, build_trl_config, cpu_bf16_autocast
 
 WEIGHT = "weight"
 log = logging.getLogger("selfreward")
@@ -46,7 +45,7 @@ class _WeightCollator:
         return batch
 
 
-class WeightedDPOTrainer(DPOTrainer):
+class WeightedDPOTrainer(StopOnNonFiniteLoss, DPOTrainer):
     """DPOTrainer with an optional per-row `weight` column; without one it is exactly TRL's trainer.
 
     TRL 1.16 reduces every loss term inside `_compute_loss` as `per_sequence_loss.mean()` (and its "sft" term is a
@@ -57,6 +56,8 @@ class WeightedDPOTrainer(DPOTrainer):
     sigmoid term equals TRL's, the NLL term only when chosen completions have equal lengths. Logged rewards/* stay
     TRL's unweighted metrics.
     """
+
+    loss_name = "DPO loss"
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -109,12 +110,6 @@ class WeightedDPOTrainer(DPOTrainer):
                 per_row = -chosen / mask.chunk(2)[0].sum(1).clamp(min=1)
             loss = loss + loss_weight * (w * per_row).mean()
         return (loss, result[1]) if return_outputs else loss
-
-    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        loss = super().training_step(*args, **kwargs)
-        if not torch.isfinite(loss).all():
-            raise NonFiniteLossError(f"DPO loss became {loss.item()} at optimizer step {self.state.global_step + 1}")
-        return loss
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
