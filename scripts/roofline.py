@@ -135,13 +135,21 @@ def _phase_records(run_dir: Path) -> dict[int, dict[str, dict[str, Any]]]:
 
 
 def _phase_tokens(phase: str, metrics: dict[str, Any], eval_samples: int | None) -> tuple[float | None, str]:
-    """Tokens a phase pushed through the model, and where the figure comes from."""
+    """Tokens a phase pushed through the model, and where the figure comes from. Generate and eval count each prompt
+    once (`prompt_tokens`, recorded since issue 15) plus the completion tokens: recomputing a prompt for each of its n
+    samples (when prefix caching cannot share it) is not counted as useful work."""
+    prompts = metrics.get("prompt_tokens")
+    plus = (
+        (lambda t, src: (t + prompts, f"{src} + prompt_tokens (each prompt once)"))
+        if prompts
+        else (lambda t, s: (t, s))
+    )
     if phase == "generate" and "samples" in metrics and "mean_tokens" in metrics:
-        return metrics["samples"] * metrics["mean_tokens"], "samples × mean_tokens (completion tokens)"
+        return plus(metrics["samples"] * metrics["mean_tokens"], "samples × mean_tokens (completion tokens)")
     if phase == "train" and "num_tokens" in metrics:
         return metrics["num_tokens"], "num_tokens (TRL: non-padding prompt + completion tokens, chosen and rejected)"
     if phase == "eval" and "tokens" in metrics:
-        return metrics["tokens"], "tokens (completion tokens, greedy + sampled)"
+        return plus(metrics["tokens"], "tokens (completion tokens, greedy + sampled)")
     if phase == "eval" and eval_samples is not None and "n" in metrics and "greedy_length" in metrics:
         return (
             metrics["n"] * metrics["greedy_length"] * (1 + eval_samples),
@@ -158,11 +166,11 @@ def phase_roofline(run_dir: Path, flops_per_token: dict[str, Any], peak: float |
     """Achieved FLOP/s per phase of a run and its fraction of `peak`, from the run's own phase records.
 
     For generate / train / eval, summed over the iterations that have the phase: tokens (see `_phase_tokens`; generate
-    and eval count completion tokens only, prompt prefill is not recorded, so their FLOPs are lower bounds), FLOPs =
+    and eval: completion tokens plus each prompt once where the run recorded `prompt_tokens`), FLOPs =
     tokens × FLOPs/token (`forward` for generate and eval, `train` for train), achieved FLOP/s = FLOPs / phase seconds
     (wall time of the phase: engine start/wake, adapter swap, model load and saving included), fraction = achieved /
     peak. Train also gets `flops_per_s_train_runtime` over TRL's `train_runtime` (the step loop only).
-    `generate_tokens_per_s` = generate completion tokens / generate seconds. `iteration_wall_s` is the sum of the
+    `generate_tokens_per_s` = generate completion tokens / generate seconds (`generate_completion_tokens`). `iteration_wall_s` is the sum of the
     phase seconds of the last iteration that has both a generate and a train phase (a whole demo iteration).
     Missing phases or token counts give None and a note in `missing`; nothing raises.
     """
@@ -172,6 +180,7 @@ def phase_roofline(run_dir: Path, flops_per_token: dict[str, Any], peak: float |
     recipe = json.loads(recipe_path.read_text()) if recipe_path.exists() else {}
     eval_samples = (recipe.get("eval") or {}).get("num_samples")
     out: dict[str, Any] = {"run_dir": str(run_dir), "iterations": sorted(records), "phases": {}, "missing": []}
+    generate_rows: list[dict[str, Any]] = []
     for phase in PHASES:
         rows = []
         for k in sorted(records):
@@ -179,8 +188,10 @@ def phase_roofline(run_dir: Path, flops_per_token: dict[str, Any], peak: float |
             if rec is None:
                 continue
             tokens, source = _phase_tokens(phase, rec["metrics"], eval_samples)
+            m = rec["metrics"]
             rows.append({"iteration": k, "seconds": rec["seconds"], "tokens": tokens, "tokens_source": source,
-                         "train_runtime": rec["metrics"].get("train_runtime")})  # fmt: skip
+                         "train_runtime": m.get("train_runtime"),
+                         "completion": m["samples"] * m["mean_tokens"] if "mean_tokens" in m else None})  # fmt: skip
         if not rows:
             out["missing"].append(f"{phase}: no phase record")
             out["phases"][phase] = None
@@ -203,12 +214,16 @@ def phase_roofline(run_dir: Path, flops_per_token: dict[str, Any], peak: float |
             "peak_fraction": _ratio(achieved, peak),
             "per_iteration": [{k: r[k] for k in ("iteration", "seconds", "tokens")} for r in rows],
         }
+        if phase == "generate":
+            generate_rows = counted
         if phase == "train":
             runtime = [r["train_runtime"] for r in counted if r["train_runtime"] is not None]
             entry["flops_per_s_train_runtime"] = _ratio(flops, sum(runtime)) if len(runtime) == len(counted) else None
         out["phases"][phase] = entry
     gen = out["phases"]["generate"]
-    out["generate_tokens_per_s"] = _ratio(gen["tokens"], gen["seconds"]) if gen else None
+    if gen:  # completion tokens only, comparable with the synthetic `vllm_tokens_per_s`
+        gen["completion_tokens"] = sum(r["completion"] or 0 for r in generate_rows)
+    out["generate_tokens_per_s"] = _ratio(gen["completion_tokens"], gen["seconds"]) if gen else None
     full = [k for k in sorted(records) if "generate" in records[k] and "train" in records[k]]
     out["iteration"] = full[-1] if full else None
     out["iteration_wall_s"] = sum(r["seconds"] for r in records[full[-1]].values()) if full else None

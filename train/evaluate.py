@@ -23,7 +23,7 @@ from rewards.votes import consistency, majority_answer
 from train.algorithms.self_judge import judge
 from train.config import ConfigError, Recipe
 from train.data import Item, conversation, jsonl_objects
-from train.engine import GenParams, Sampler
+from train.engine import GenParams, Sampler, render_prompts
 
 EVAL_KEYS = ("accuracy", "sample_accuracy", "majority_accuracy", "consistency")
 
@@ -38,11 +38,13 @@ def evaluate(sampler: Sampler, adapter: Path | None, items: list[Item], recipe: 
         return metrics | {k: 0.0 for k in EVAL_KEYS}
     ev = recipe.eval
     max_tokens = ev.max_tokens or recipe.sampling.max_tokens
-    convs = [conversation(it, recipe.data) for it, _ in kept]
+    prompt_ids = render_prompts(sampler.tokenizer, [conversation(it, recipe.data) for it, _ in kept])
     sampler.set_adapter(str(adapter) if adapter else None)
-    greedy = sampler.generate(convs, GenParams(n=1, temperature=0.0, max_tokens=max_tokens), desc="eval greedy")
-    sampled = sampler.generate(
-        convs,
+    greedy = sampler.generate_ids(
+        prompt_ids, GenParams(n=1, temperature=0.0, max_tokens=max_tokens), desc="eval greedy"
+    )
+    sampled = sampler.generate_ids(
+        prompt_ids,
         GenParams(n=ev.num_samples, temperature=ev.temperature, top_p=ev.top_p, max_tokens=max_tokens),
         desc="eval sampled",
     )
@@ -64,6 +66,7 @@ def evaluate(sampler: Sampler, adapter: Path | None, items: list[Item], recipe: 
         "consistency": cons / n,
         "greedy_length": sum(lengths) / n,
         "tokens": tokens,  # completion tokens generated, greedy + sampled (the bench's roofline)
+        "prompt_tokens": sum(map(len, prompt_ids)),  # each prompt once
     }
 
 

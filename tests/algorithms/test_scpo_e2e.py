@@ -72,6 +72,14 @@ def test_scpo_artifacts_obey_invariants(scpo_run):
     metrics = _rows(out / "metrics.jsonl")
     assert [m["iteration"] for m in metrics] == [0, 1]
     assert metrics[1]["pairs/pairs"] == len(pairs) and metrics[1]["time/train_s"] > 0
+    # prompt tokens for the bench's roofline: each prompt once, the same count for all its samples
+    by_prompt = {(s["prompt_id"], s["prompt_tokens"]) for s in samples}
+    assert len(by_prompt) == 12 and all(n > 10 for _, n in by_prompt)
+    assert metrics[1]["generate/prompt_tokens"] == sum(n for _, n in by_prompt)
+    assert (
+        metrics[1]["eval/prompt_tokens"] > 8 * 10
+        and metrics[0]["eval/prompt_tokens"] == metrics[1]["eval/prompt_tokens"]
+    )
     for key in ("accuracy", "sample_accuracy", "majority_accuracy", "consistency"):
         assert 0.0 <= metrics[1][f"eval/{key}"] <= 1.0
     assert "Held-out evaluation" in res.stdout and "iter_1" in res.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from tests.conftest import require
 from train.config import SamplingConfig
 from train.engine import GenParams, HFSampler
 
@@ -21,7 +22,8 @@ def test_hf_engine_logs_each_chunk_without_a_terminal(tiny_model_dir, monkeypatc
     monkeypatch.setenv("CI", "true")  # progress bars off, as under CI or in a batch job's log
     handler, log = _Lines(), logging.getLogger("selfreward")
     log.addHandler(handler)
-    old_level, log.level = log.level, logging.INFO
+    old_level = log.level
+    log.setLevel(logging.INFO)  # not `log.level = ...`: that keeps the logger's cached "INFO is off" from earlier calls
     try:
         sampler = HFSampler(tiny_model_dir, SamplingConfig(engine="hf", batch_size=2), seed=0)
         convs = [[{"role": "user", "content": f"{a} + 1 ="}] for a in range(5)]
@@ -29,7 +31,7 @@ def test_hf_engine_logs_each_chunk_without_a_terminal(tiny_model_dir, monkeypatc
         small = sampler.generate(convs[:2], GenParams(n=1, temperature=0.0, max_tokens=2), desc="one chunk")
     finally:
         log.removeHandler(handler)
-        log.level = old_level
+        log.setLevel(old_level)
     assert len(out) == 5 and len(small) == 2
     chunks = [line for line in handler.lines if line.startswith("eval greedy: ")]
     assert [line.split(" prompts")[0] for line in chunks] == [
@@ -39,3 +41,34 @@ def test_hf_engine_logs_each_chunk_without_a_terminal(tiny_model_dir, monkeypatc
     ]
     assert all("/s, ETA " in line for line in chunks) and chunks[-1].endswith("ETA 0:00")
     assert not [line for line in handler.lines if line.startswith("one chunk")], "a single chunk needs no progress"
+
+
+def test_vllm_engine_takes_the_whole_call_and_logs_tenths_without_a_terminal(tiny_model_dir, monkeypatch):
+    """One engine call for all prompts (no per-chunk tail), progress as log lines at every tenth of the samples."""
+    require("vllm")
+    from train.engine import VLLMSampler
+
+    monkeypatch.setenv("CI", "true")
+    handler, log = _Lines(), logging.getLogger("selfreward")
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.INFO)  # not `log.level = ...`: that keeps the logger's cached "INFO is off" from earlier calls
+    try:
+        sampler = VLLMSampler(tiny_model_dir, SamplingConfig(max_model_len=128, kv_cache_gib=0.1, batch_size=2), 8, 0)
+        calls = []
+        generate = sampler.llm.generate
+        sampler.llm.generate = lambda prompts, *a, **k: calls.append(len(prompts)) or generate(prompts, *a, **k)
+        convs = [[{"role": "user", "content": f"{a} + 1 ="}] for a in range(25)]
+        out = sampler.generate(convs, GenParams(n=4, temperature=1.0, max_tokens=3), desc="sample")
+        sampler.generate(convs[:2], GenParams(n=4, temperature=1.0, max_tokens=3), desc="small")
+        sampler.close()
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    assert calls == [25, 2] and [len(o) for o in out] == [4] * 25
+    lines = [line.split(" samples")[0] for line in handler.lines if line.startswith("sample: ")]
+    done = [int(line.split(": ")[1].split("/")[0]) for line in lines]
+    assert lines[-1] == "sample: 100/100" and 5 <= len(lines) <= 11, lines
+    tenths = [d // 10 for d in done]
+    assert tenths == sorted(set(tenths)), f"one line per tenth crossed: {done}"
+    assert not [line for line in handler.lines if line.startswith("small")], "a call of at most batch_size prompts"

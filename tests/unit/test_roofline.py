@@ -88,6 +88,18 @@ def test_phase_roofline_exact(tmp_path):
     assert r["iteration"] == 1 and r["iteration_wall_s"] == pytest.approx(35.0)  # 10 + 0.5 + 20 + 4.5
 
 
+def test_prompt_tokens_count_once_in_flops_not_in_tokens_per_s(tmp_path):
+    run = tmp_path / "demo"
+    _phase(run, 1, "generate", 10.0, {"samples": 40, "mean_tokens": 2.5, "prompt_tokens": 150})  # 5 prompts x 30
+    _phase(run, 1, "eval", 5.0, {"n": 4, "greedy_length": 5.0, "tokens": 90, "prompt_tokens": 60})
+    r = roofline.phase_roofline(run, {"forward": 1000.0, "train": 3000.0}, peak=1e5)
+    gen, ev = r["phases"]["generate"], r["phases"]["eval"]
+    assert gen["tokens"] == 250 and gen["completion_tokens"] == 100
+    assert gen["flops_per_s"] == pytest.approx(250 * 1000 / 10) and "prompt_tokens" in gen["tokens_source"][0]
+    assert r["generate_tokens_per_s"] == pytest.approx(10.0), "completion tokens only, as the synthetic bench"
+    assert ev["tokens"] == 150 and ev["peak_fraction"] == pytest.approx(150 * 1000 / 5 / 1e5)
+
+
 def test_phase_roofline_missing_phases(tmp_path):
     run = tmp_path / "partial"
     _phase(run, 0, "eval", 8.0, {"n": 4, "greedy_length": 5.0})  # no tokens, no recipe.json: no estimate

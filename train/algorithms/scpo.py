@@ -23,7 +23,7 @@ from rewards.votes import build_pair, consistency, majority_answer, vote_counts,
 from train.algorithms.dpo_iteration import train_dpo_iteration
 from train.algorithms.problems import generate_problems, problems_inputs, training_items
 from train.data import Item, conversation, iteration_items, load_items
-from train.engine import GenParams
+from train.engine import GenParams, render_prompts
 from train.errors import StopRun
 from train.evaluate import evaluate
 from train.loop import ENGINE_KEYS, EVAL_KEYS, PROMPT_KEYS, TRAIN_KEYS, Run, items_digest
@@ -49,7 +49,8 @@ def generate_samples(run: Run, k: int, items: list[Item]) -> dict[str, Any]:
     )
 
     def work(chunk: list[Item]) -> tuple[list[dict[str, Any]], None]:
-        outs = run.sampler.generate([conversation(it, r.data) for it in chunk], params, desc=f"iter {k} generate")
+        prompt_ids = render_prompts(run.sampler.tokenizer, [conversation(it, r.data) for it in chunk])
+        outs = run.sampler.generate_ids(prompt_ids, params, desc=f"iter {k} generate")
         rows = [
             {
                 "prompt_id": it["id"],
@@ -60,8 +61,9 @@ def generate_samples(run: Run, k: int, items: list[Item]) -> dict[str, Any]:
                 "num_tokens": len(s.token_ids),
                 "finish_reason": s.finish_reason,
                 "answer": extract_answer(s.text, r.data.answer_type),
+                "prompt_tokens": len(ids),
             }
-            for it, samples in zip(chunk, outs)
+            for it, ids, samples in zip(chunk, prompt_ids, outs)
             for j, s in enumerate(samples)
         ]
         return rows, None
@@ -74,6 +76,8 @@ def generate_samples(run: Run, k: int, items: list[Item]) -> dict[str, Any]:
         "answer_rate": mean(row["answer"] is not None for row in rows) if rows else 0.0,
         "mean_tokens": mean(row["num_tokens"] for row in rows) if rows else 0.0,
         "truncated_rate": mean(row["finish_reason"] == "length" for row in rows) if rows else 0.0,
+        # each prompt once: the model's prefill work, whatever its n samples recomputed (the bench's roofline)
+        "prompt_tokens": sum(row.get("prompt_tokens", 0) for row in rows if row["sample"] == 0),
     }
 
 

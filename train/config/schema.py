@@ -149,6 +149,22 @@ class SamplingConfig(Section):
         description="Engine dtype. `auto`: the checkpoint's on a GPU; on a CPU bfloat16 where it has native bf16 "
         "matmuls (AVX-512 BF16 or AMX), else float32.",
     )
+    max_num_seqs: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="vLLM's cap on sequences per scheduler step (each of a prompt's n samples counts). Larger steps "
+        "use the matmul units better; the KV cache must hold them (`kv_cache_gib`). None = vLLM's default (256 on "
+        "CPU).",
+    )
+    block_size: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="vLLM KV-cache block size in tokens. Prefix caching shares only full blocks between the samples "
+        "of a prompt, so short prompts want small blocks. None = 32 on CPU (vLLM-CPU's smallest; its default 128 "
+        "re-prefilled every sample of a short prompt), vLLM's default on GPU.",
+    )
     max_num_batched_tokens: int | None = Field(
         None,
         ge=64,

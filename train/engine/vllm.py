@@ -7,12 +7,13 @@ import logging
 import os
 import time
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 from train.config import SamplingConfig
 from train.engine.base import VLLM_LORA_RANKS, Conversation, GenParams, Sample, render_prompts, skip_overlong
 from train.runtime import distributed as dist
-from train.runtime.progress import ChunkProgress, progress_enabled
+from train.runtime.progress import LogBar, progress_enabled
 
 
 def _children(proc: Any) -> list[Any]:
@@ -97,6 +98,28 @@ def cpu_engine_settings() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
+def cpu_engine_kwargs(cfg: SamplingConfig) -> dict[str, Any]:
+    """Engine arguments for vLLM-CPU (issue 15, docs/results.md).
+
+    - `block_size` (default 32 here, vLLM-CPU's is 128): prefix caching shares only full KV blocks, so with 128 a
+      45-token prompt sampled n = 8 times is prefilled 8 times (41.7k prompt tokens computed for the demo's 96
+      prompts, against 12.9k with 32 tokens; 32 is the smallest size vLLM-CPU's attention takes).
+    - `custom_ops: ["all"]`: with LoRA enabled vLLM-CPU turns torch.compile off, but only after choosing "none"
+      (leave every op to the compiler); eager, that leaves rotary embeddings in six PyTorch ops instead of vLLM's
+      C++ kernel.
+    - `ir_op_priority`: RMSNorm by vLLM's C++ CPU kernel (train/engine/vllm_cpu_norm.py)."""
+    from train.engine import vllm_cpu_norm
+
+    vllm_cpu_norm.install()  # vLLM loads our plugin only inside LLM(); the provider must exist before the config
+    kwargs: dict[str, Any] = {
+        "block_size": cfg.block_size or 32,
+        "compilation_config": {"custom_ops": ["all"]},
+    }
+    if priority := vllm_cpu_norm.ir_op_priority():
+        kwargs["kernel_config"] = {"ir_op_priority": priority}
+    return kwargs
+
+
 def engine_dtype(dtype: str, on_gpu: bool) -> str:
     """`sampling.dtype`: `auto` lets vLLM choose on a GPU (the checkpoint's bf16/fp16); on a CPU it is bfloat16
     where the CPU has native bf16 matmuls (AVX-512 BF16 or AMX), else float32 (vLLM-CPU's fp16 is emulated)."""
@@ -121,7 +144,7 @@ class VLLMSampler:
 
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.max_model_len = cfg.max_model_len
-        self.batch_size = cfg.batch_size  # prompts per logged chunk when there is no progress bar
+        self.batch_size = cfg.batch_size  # without a terminal, calls of more prompts than this log their progress
         self._on_gpu = torch.cuda.is_available()
         rank = next(r for r in VLLM_LORA_RANKS if r >= lora_rank)
         kwargs: dict[str, Any] = {}
@@ -131,6 +154,10 @@ class VLLMSampler:
             kwargs["enable_sleep_mode"] = True
         if cfg.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+        if cfg.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = cfg.max_num_seqs
+        if not self._on_gpu:
+            kwargs.update(cpu_engine_kwargs(cfg))
         if not self._on_gpu and dist.world_size() == 1:
             cpu_engine_settings()
         if dist.world_size() > 1:
@@ -202,14 +229,10 @@ class VLLMSampler:
             allowed_token_ids=params.allowed_token_ids,
         )
         t0 = time.perf_counter()
-        if progress_enabled():
-            outs = self.llm.generate(prompts, sp, lora_request=self._lora, use_tqdm=True)
-        else:  # no terminal: chunks of sampling.batch_size, a log line after each (vLLM batches within a chunk)
-            outs, chunks = [], ChunkProgress(len(prompts), desc or "generate", min_total=self.batch_size + 1)
-            for start in range(0, len(prompts), self.batch_size):
-                part = prompts[start : start + self.batch_size]
-                outs += self.llm.generate(part, sp, lora_request=self._lora, use_tqdm=False)
-                chunks.update(len(part))
+        # One engine call whatever the terminal: vLLM's own bar on one, log lines at every tenth without (rank 0).
+        min_total = self.batch_size * params.n + 1
+        bar = True if progress_enabled() else partial(LogBar.for_vllm, label=desc or "generate", min_total=min_total)
+        outs = self.llm.generate(prompts, sp, lora_request=self._lora, use_tqdm=bar)
         self.generate_s += time.perf_counter() - t0
         return [
             [
