@@ -64,34 +64,6 @@ def test_shrink_and_expand_match_vllm(indices, four_dim):
         assert not torch.equal(got, base)
 
 
-@pytest.mark.parametrize("seq_slots", [[0, 0, 0], [1, 0, 1], [-1, 0, 0], [2]], ids=str)
-def test_prefill_ops_match_vllm(seq_slots):
-    """sgmv_* (steps with a prefill): one slot per sequence, expanded to its tokens (or not, when all share it)."""
-    ref = _vllm_ops()
-    g = torch.Generator().manual_seed(1)
-    lens = torch.tensor([3, 1, 4][: len(seq_slots)])
-    slots, starts = torch.tensor(seq_slots), torch.cumsum(lens, 0) - lens
-    tokens, hidden, rank = int(lens.sum()), 24, 4
-    meta = (starts, lens, slots, len(seq_slots), int(lens.max()), tokens)
-    x, h = torch.randn(tokens, hidden, generator=g), torch.randn(tokens, rank, generator=g)
-    a, b = torch.randn(3, 1, rank, hidden, generator=g), torch.randn(3, 1, hidden, rank, generator=g)
-    want, got = torch.zeros(tokens, rank), torch.zeros(tokens, rank)
-    ref.sgmv_shrink(x, a, want, *meta, 0.5)
-    vllm_cpu_lora.sgmv_shrink(x, a, got, *meta, 0.5)
-    torch.testing.assert_close(got, want)
-    for add in (False, True):
-        base = torch.randn(tokens, hidden, generator=g)
-        want, got = base.clone(), base.clone()
-        ref.sgmv_expand(h, b, want, *meta, add)
-        vllm_cpu_lora.sgmv_expand(h, b, got, *meta, add)
-        torch.testing.assert_close(got, want)
-        want, got = base.clone(), base.clone()
-        ref.sgmv_expand_slice(h, b[..., :8, :], want, *meta, 4, 8, add)
-        vllm_cpu_lora.sgmv_expand_slice(h, b[..., :8, :], got, *meta, 4, 8, add)
-        torch.testing.assert_close(got, want)
-        assert not torch.equal(got, base)
-
-
 def test_plugin_is_registered_and_replaces_the_cpu_ops(monkeypatch):
     require("vllm")
     names = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}

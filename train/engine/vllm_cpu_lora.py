@@ -18,13 +18,6 @@ import os
 import torch
 
 
-def _single_slot(indices: torch.Tensor) -> int | None:
-    """The slot every token uses when there is one (self-training: the current adapter), else None."""
-    if indices.numel() == 1 or bool((indices == indices[0]).all()):
-        return int(indices[0])
-    return None
-
-
 def _lora_matmul(
     inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -32,9 +25,9 @@ def _lora_matmul(
     if weights.dim() == 4:  # [slots, 1, out, in]
         weights = weights.squeeze(1)
     inputs = inputs.to(dtype=dtype)
-    if (slot := _single_slot(indices)) is not None:  # one adapter: no sort, no per-row gather
-        return inputs @ weights[slot].to(dtype=dtype).T
     slots = torch.unique(indices)
+    if slots.numel() == 1:
+        return inputs @ weights[slots[0]].to(dtype=dtype).T
     out = inputs.new_empty(inputs.shape[0], weights.shape[1])
     for slot in slots.tolist():
         rows = indices == slot
@@ -83,80 +76,11 @@ def bgmv_expand_slice(
     slice_size: int,
     add_inputs: bool = True,
 ) -> None:
-    target = output_tensor[:, slice_offset : slice_offset + slice_size]
-    if add_inputs and (slot := _single_slot(lora_indices_tensor)) is not None:
-        # One multiply-add into the output's columns, without a [tokens, slice] temporary and a second pass over
-        # them (0.26 against 0.57 ms for 768 tokens x 1,536 columns); one rounding where vLLM's op rounds twice.
-        weights = lora_b_weights.squeeze(1) if lora_b_weights.dim() == 4 else lora_b_weights
-        target.addmm_(inputs.to(dtype=output_tensor.dtype), weights[slot].to(dtype=output_tensor.dtype).T)
-        return
     outputs = _lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     if add_inputs:
-        target += outputs
+        output_tensor[:, slice_offset : slice_offset + slice_size] += outputs
     else:
-        target[:] = outputs
-
-
-def _token_slots(lora_indices_tensor: torch.Tensor, seq_len_tensor: torch.Tensor) -> torch.Tensor:
-    """The adapter slot of every token, from one slot per sequence; just that slot when all sequences share it.
-
-    vLLM's sgmv_* (any step with a prefill in it) expand the per-sequence slots to one per token with
-    `repeat_interleave` on every call: 14 calls per layer and step, 0.4 ms each for a 768-sequence step, 28% of a
-    LoRA sampling step here (torch.profiler, issue 15). `_lora_matmul` takes a single slot for all rows."""
-    if lora_indices_tensor.numel() and bool((lora_indices_tensor == lora_indices_tensor[0]).all()):
-        return lora_indices_tensor[:1]
-    return torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
-
-
-# vLLM's sgmv_* signatures; they differ from vLLM's only in how they expand the slots (`_token_slots`).
-
-
-def sgmv_shrink(
-    inputs: torch.Tensor,
-    lora_a_weights: torch.Tensor,
-    output_tensor: torch.Tensor,
-    b_seq_start_loc: torch.Tensor,
-    seq_len_tensor: torch.Tensor,
-    lora_indices_tensor: torch.Tensor,
-    batches: int,
-    max_seq_length: int,
-    token_nums: int,
-    scaling: float,
-) -> None:
-    bgmv_shrink(inputs, lora_a_weights, output_tensor, _token_slots(lora_indices_tensor, seq_len_tensor), scaling)
-
-
-def sgmv_expand(
-    inputs: torch.Tensor,
-    lora_b_weights: torch.Tensor,
-    output_tensor: torch.Tensor,
-    b_seq_start_loc: torch.Tensor,
-    seq_len_tensor: torch.Tensor,
-    lora_indices_tensor: torch.Tensor,
-    batches: int,
-    max_seq_length: int,
-    token_nums: int,
-    add_inputs: bool = False,
-) -> None:
-    bgmv_expand(inputs, lora_b_weights, output_tensor, _token_slots(lora_indices_tensor, seq_len_tensor), add_inputs)
-
-
-def sgmv_expand_slice(
-    inputs: torch.Tensor,
-    lora_b_weights: torch.Tensor,
-    output_tensor: torch.Tensor,
-    b_seq_start_loc: torch.Tensor,
-    seq_len_tensor: torch.Tensor,
-    lora_indices_tensor: torch.Tensor,
-    batches: int,
-    max_seq_length: int,
-    token_nums: int,
-    slice_offset: int,
-    slice_size: int,
-    add_inputs: bool = False,
-) -> None:
-    slots = _token_slots(lora_indices_tensor, seq_len_tensor)
-    bgmv_expand_slice(inputs, lora_b_weights, output_tensor, slots, slice_offset, slice_size, add_inputs)
+        output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
 
 
 def cpu_fastpath_enabled(env: str) -> bool:
@@ -170,14 +94,7 @@ def cpu_fastpath_enabled(env: str) -> bool:
     return current_platform.is_cpu()
 
 
-FASTPATH = {
-    "bgmv_shrink": bgmv_shrink,
-    "bgmv_expand": bgmv_expand,
-    "bgmv_expand_slice": bgmv_expand_slice,
-    "sgmv_shrink": sgmv_shrink,
-    "sgmv_expand": sgmv_expand,
-    "sgmv_expand_slice": sgmv_expand_slice,
-}
+FASTPATH = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
 
 
 def install() -> None:
@@ -190,7 +107,7 @@ def install() -> None:
         import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
     except ImportError:  # another vLLM layout: keep vLLM's own ops
         return
-    # punica_cpu imported the names; the package re-exports them.
+    # The sgmv_* (prefill) ops call bgmv_* through lora_ops' globals; punica_cpu imported the names.
     for module in (ops, ops_pkg, punica_cpu):
         for name, fn in FASTPATH.items():
             if hasattr(module, name):
