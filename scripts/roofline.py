@@ -138,12 +138,11 @@ def _phase_tokens(phase: str, metrics: dict[str, Any], eval_samples: int | None)
     """Tokens a phase pushed through the model, and where the figure comes from. Generate and eval count each prompt
     once (`prompt_tokens`, recorded since issue 15) plus the completion tokens: recomputing a prompt for each of its n
     samples (when prefix caching cannot share it) is not counted as useful work."""
-    prompts = metrics.get("prompt_tokens")
-    plus = (
-        (lambda t, src: (t + prompts, f"{src} + prompt_tokens (each prompt once)"))
-        if prompts
-        else (lambda t, s: (t, s))
-    )
+    prompts = metrics.get("prompt_tokens") or 0
+
+    def plus(tokens: float, source: str) -> tuple[float, str]:
+        return (tokens + prompts, f"{source} + prompt_tokens (each prompt once)") if prompts else (tokens, source)
+
     if phase == "generate" and "samples" in metrics and "mean_tokens" in metrics:
         return plus(metrics["samples"] * metrics["mean_tokens"], "samples × mean_tokens (completion tokens)")
     if phase == "train" and "num_tokens" in metrics:
@@ -170,7 +169,7 @@ def phase_roofline(run_dir: Path, flops_per_token: dict[str, Any], peak: float |
     tokens × FLOPs/token (`forward` for generate and eval, `train` for train), achieved FLOP/s = FLOPs / phase seconds
     (wall time of the phase: engine start/wake, adapter swap, model load and saving included), fraction = achieved /
     peak. Train also gets `flops_per_s_train_runtime` over TRL's `train_runtime` (the step loop only).
-    `generate_tokens_per_s` = generate completion tokens / generate seconds (`generate_completion_tokens`). `iteration_wall_s` is the sum of the
+    `generate_tokens_per_s` = generate completion tokens (`completion_tokens`) / generate seconds. `iteration_wall_s` is the sum of the
     phase seconds of the last iteration that has both a generate and a train phase (a whole demo iteration).
     Missing phases or token counts give None and a note in `missing`; nothing raises.
     """
@@ -180,7 +179,6 @@ def phase_roofline(run_dir: Path, flops_per_token: dict[str, Any], peak: float |
     recipe = json.loads(recipe_path.read_text()) if recipe_path.exists() else {}
     eval_samples = (recipe.get("eval") or {}).get("num_samples")
     out: dict[str, Any] = {"run_dir": str(run_dir), "iterations": sorted(records), "phases": {}, "missing": []}
-    generate_rows: list[dict[str, Any]] = []
     for phase in PHASES:
         rows = []
         for k in sorted(records):
@@ -214,15 +212,13 @@ def phase_roofline(run_dir: Path, flops_per_token: dict[str, Any], peak: float |
             "peak_fraction": _ratio(achieved, peak),
             "per_iteration": [{k: r[k] for k in ("iteration", "seconds", "tokens")} for r in rows],
         }
-        if phase == "generate":
-            generate_rows = counted
+        if phase == "generate":  # completion tokens only, comparable with the synthetic `vllm_tokens_per_s`
+            entry["completion_tokens"] = sum(r["completion"] or 0 for r in counted)
         if phase == "train":
             runtime = [r["train_runtime"] for r in counted if r["train_runtime"] is not None]
             entry["flops_per_s_train_runtime"] = _ratio(flops, sum(runtime)) if len(runtime) == len(counted) else None
         out["phases"][phase] = entry
     gen = out["phases"]["generate"]
-    if gen:  # completion tokens only, comparable with the synthetic `vllm_tokens_per_s`
-        gen["completion_tokens"] = sum(r["completion"] or 0 for r in generate_rows)
     out["generate_tokens_per_s"] = _ratio(gen["completion_tokens"], gen["seconds"]) if gen else None
     full = [k for k in sorted(records) if "generate" in records[k] and "train" in records[k]]
     out["iteration"] = full[-1] if full else None
@@ -314,8 +310,8 @@ METHOD = {
     "project's DPO default; LoRA FLOPs, ~4%, neglected).",
     "roofline": "from the demo run dir (--demo-dir): iter_*/phases/<phase>.json, completed from metrics.jsonl. Per "
     "phase, summed over iterations: tokens (generate: samples x mean_tokens; train: TRL num_tokens; eval: its "
-    "`tokens` metric, else n x greedy_length x (1 + eval.num_samples)); generate and eval count completion tokens "
-    "only (prompt prefill is not recorded): their FLOP/s are lower bounds. FLOPs = tokens x FLOPs/token (train: "
+    "`tokens` metric, else n x greedy_length x (1 + eval.num_samples)); generate and eval add each prompt once "
+    "(`prompt_tokens`, where the run recorded it; a prompt recomputed for each of its samples is not counted). FLOPs = tokens x FLOPs/token (train: "
     "the train figure), achieved FLOP/s = FLOPs / phase wall seconds (engine start/wake, adapter swap, model "
     "load and save included), *_peak_fraction = achieved / peak_matmul_flops[roofline_dtype] (the dtype the demo "
     "sampled in: bf16 on CPUs with native bf16, where DPO also runs under bf16 autocast). On several ranks the token counts are totals and the fraction is of one device's peak.",
