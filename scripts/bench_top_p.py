@@ -2,7 +2,9 @@
 
 One process, back to back on the same tensor: vLLM's sort of every row (`apply_top_k_top_p_pytorch`), one
 `topk(1024)` (the fast path before the tiers), and the tiers (`CANDIDATES`: 64, then 1,024 for the rows 64 did not
-decide, then vLLM's sort). The tensor: SmolLM2's logits at the decode steps of its own sampled answers to the bench's
+decide, then vLLM's sort); then a whole sampling step as vLLM-CPU takes it (`sample_step_s`): the tiers'
+masked logits and vLLM's Gumbel-max over the vocabulary (`TopKTopPSampler.forward_cpu`), against our `forward_cpu`,
+which draws from the kept candidates. The tensor: SmolLM2's logits at the decode steps of its own sampled answers to the bench's
 arithmetic prompts (HF `generate`, T and top-p as the CPU recipes sample), rows of unfinished answers drawn to a
 [256 x 49152] step, divided by T as vLLM's sampler does before top-p. `make bench` records it as `top_p`; alone:
 `.venv/bin/python scripts/bench_top_p.py` (about 30 s on the 2-core box).
@@ -57,8 +59,10 @@ def _time(fn: Any, logits: Any, repeats: int) -> tuple[float, Any]:
 
 def bench_top_p(model_path: str, prompt_ids: list[list[int]], repeats: int = REPEATS) -> dict[str, Any]:
     import torch
-    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+    import vllm._custom_ops  # noqa: F401  (torch.ops._C: vLLM's Gumbel-max kernel)
+    from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler, apply_top_k_top_p_pytorch
 
+    from train.engine import vllm_cpu_sampler
     from train.engine.vllm_cpu_sampler import CANDIDATES, apply_top_k_top_p, top_p_from_top_k
 
     logits = decode_logits(model_path, prompt_ids)
@@ -73,6 +77,13 @@ def bench_top_p(model_path: str, prompt_ids: list[list[int]], repeats: int = REP
         seconds[name], out = _time(fn, logits, repeats)
         kept[name] = torch.isfinite(out)
     decided = {k: round(float(top_p_from_top_k(logits, p, k)[1].float().mean()), 4) for k in CANDIDATES}
+    sampler = TopKTopPSampler("raw_logprobs")
+    seeds = lambda x: torch.randint(0, 2**31, (x.shape[0],), dtype=torch.long)  # noqa: E731  (as vLLM draws them)
+    steps = {
+        "tiers_then_vllm_gumbel": lambda x: torch.ops._C.fused_gumbel_argmax(apply_top_k_top_p(x, None, p), seeds(x)),
+        "from_candidates": lambda x: vllm_cpu_sampler.forward_cpu(sampler, x, {}, None, p)[0],
+    }
+    sample_s = {name: _time(fn, logits, repeats)[0] for name, fn in steps.items()}
     return {
         "shape": list(logits.shape),
         "temperature": TEMPERATURE,
@@ -84,6 +95,8 @@ def bench_top_p(model_path: str, prompt_ids: list[list[int]], repeats: int = REP
         "rows_decided_by_k": decided,
         "kept_tokens_per_row": {"median": float(kept["tiers"].sum(1).median()), "max": int(kept["tiers"].sum(1).max())},
         "same_kept_as_vllm": all(torch.equal(kept[k], kept["vllm_sort"]) for k in kept),
+        "sample_step_s": {k: round(v, 4) for k, v in sample_s.items()},
+        "from_candidates_over_vllm_gumbel": round(sample_s["tiers_then_vllm_gumbel"] / sample_s["from_candidates"], 2),
     }
 
 

@@ -11,6 +11,7 @@ from tests.conftest import require
 @pytest.fixture(scope="module")
 def vllm_ops():
     require("vllm")
+    import vllm._custom_ops  # noqa: F401  (loads torch.ops._C: vLLM's own CPU sampling kernel)
     from vllm.v1.sample.ops import topk_topp_sampler
 
     return topk_topp_sampler
@@ -70,14 +71,71 @@ def test_top_k_and_no_filter_are_vllms(vllm_ops):
     assert torch.equal(apply_top_k_top_p(logits.clone(), None, None), logits)
 
 
+def _sample(vllm_ops, logits, p, generators=None, k=None, mode="raw_logprobs"):
+    from train.engine import vllm_cpu_sampler
+
+    vllm_cpu_sampler.install()
+    sampler = vllm_ops.TopKTopPSampler(mode)
+    return sampler.forward_cpu(logits, generators or {}, k, p)
+
+
+def test_sampling_draws_vllms_top_p_set_with_its_probabilities(vllm_ops, monkeypatch):
+    """Rows each tier decides and a flat row (vLLM's own path), 3,000 draws each: every token is in the row's top-p
+    set as vLLM's sort keeps it, and the frequencies are the softmax renormalised over that set."""
+    from train.engine import vllm_cpu_sampler
+
+    monkeypatch.setattr(vllm_cpu_sampler, "CANDIDATES", (4, 64))  # small tiers, so a 2,048-token vocabulary has all
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(4, 2048, generator=g)
+    rows[0, :3] += torch.tensor([9.0, 8.5, 8.0])  # decided by the top 4
+    rows[1, :30] += 7.0  # ~30 near-equal tokens hold the mass: the top 64 decide
+    rows[2] *= 0.05  # flat: neither tier decides, vLLM's sort and Gumbel-max draw it
+    rows[3, 0] += 30.0  # one token holds everything
+    p = torch.tensor([0.9, 0.8, 0.9, 0.9])
+    draws = 3000
+    torch.manual_seed(0)
+    tokens, processed = _sample(vllm_ops, rows.repeat_interleave(draws, 0), p.repeat_interleave(draws))
+    assert processed is None and tokens.shape == (4 * draws,) and tokens.dtype == torch.int64
+    kept = torch.isfinite(vllm_ops.apply_top_k_top_p_pytorch(rows.clone(), None, p, allow_cpu_sync=True))
+    for r in range(4):
+        drawn = tokens[r * draws : (r + 1) * draws]
+        assert kept[r, drawn].all(), f"row {r}: a token outside vLLM's top-p set"
+        want = torch.where(kept[r], rows[r], -float("inf")).softmax(-1)
+        got = torch.bincount(drawn, minlength=2048).float() / draws
+        assert (got - want).abs().max() < 0.04, f"row {r}: frequencies {(got - want).abs().max():.3f} off"
+    assert (tokens[3 * draws :] == 0).all()
+    assert kept[2].sum() > 64, "the flat row needs vLLM's path"
+
+
+def test_seeded_rows_top_k_and_processed_logprobs_keep_vllms_sampler(vllm_ops, monkeypatch):
+    from train.engine import vllm_cpu_sampler
+
+    vllm_cpu_sampler.install()
+    calls = []
+    vllm_forward = vllm_cpu_sampler._VLLM_FORWARD_CPU
+    monkeypatch.setattr(vllm_cpu_sampler, "_VLLM_FORWARD_CPU", lambda *a: calls.append(a) or vllm_forward(*a))
+    logits, p = _lm_like(4, 4096, 6), torch.full((4,), 0.9)
+    _sample(vllm_ops, logits.clone(), p)
+    assert calls == [], "top-p alone, unseeded: ours"
+    _sample(vllm_ops, logits.clone(), p, generators={0: torch.Generator().manual_seed(1)})
+    _sample(vllm_ops, logits.clone(), p, k=torch.full((4,), 5))
+    tokens, processed = _sample(vllm_ops, logits.clone(), p, mode="processed_logprobs")
+    assert len(calls) == 3 and processed is not None and processed.shape == logits.shape
+
+
 def test_install_replaces_vllms_cpu_top_p_unless_turned_off(vllm_ops, monkeypatch):
     from train.engine import vllm_cpu_sampler
 
     original = vllm_ops.apply_top_k_top_p
+    original_forward = vllm_cpu_sampler._VLLM_FORWARD_CPU or vllm_ops.TopKTopPSampler.forward_cpu
     monkeypatch.setattr(vllm_ops, "apply_top_k_top_p", original)
+    monkeypatch.setattr(vllm_ops.TopKTopPSampler, "forward_cpu", original_forward)
     monkeypatch.setenv("SELFREWARD_CPU_TOP_P_FASTPATH", "0")
     vllm_cpu_sampler.install()
     assert vllm_ops.apply_top_k_top_p is original
+    assert vllm_ops.TopKTopPSampler.forward_cpu is original_forward
     monkeypatch.delenv("SELFREWARD_CPU_TOP_P_FASTPATH")
     vllm_cpu_sampler.install()
     assert vllm_ops.apply_top_k_top_p is vllm_cpu_sampler.apply_top_k_top_p
+    assert vllm_ops.TopKTopPSampler.forward_cpu is vllm_cpu_sampler.forward_cpu
+    assert vllm_cpu_sampler._VLLM_FORWARD_CPU is original_forward
