@@ -323,6 +323,19 @@ def test_one_training_step_changes_lora(tiny_model_dir, tmp_path):
     assert log and "score/kl_t1" in log[0] and "rewards/attempt2/mean" in log[0]
 
 
+def test_non_finite_loss_stops_naming_the_step(tiny_model_dir, tmp_path, monkeypatch):
+    """As the DPO and SFT trainers do: a NaN loss stops the stage (NonFiniteLossError -> `selfreward: stopped`)."""
+    from train.errors import NonFiniteLossError
+    from train.trainers.score_grpo import ScoreGRPOTrainer
+
+    monkeypatch.setattr(
+        ScoreGRPOTrainer, "_compute_loss", lambda self, model, inputs: torch.tensor(float("nan"), requires_grad=True)
+    )
+    trainer = _trainer(tiny_model_dir, tmp_path)
+    with pytest.raises(NonFiniteLossError, match=r"SCoRe loss .* became nan at optimizer step 1"):
+        trainer.train()
+
+
 def test_stage_publishes_adapter_and_resumes_from_checkpoint(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 

@@ -40,7 +40,7 @@ from train.runtime import distributed as dist
 from train.runtime.artifacts import write_jsonl
 from train.trainers.adapters import gathered, publish_adapter
 from train.trainers.score_objective import kl_coefficients, per_token_kl, sequence_advantages, token_advantages
-from train.trainers.trl_config import build_trl_config
+from train.trainers.trl_config import StopOnNonFiniteLoss, build_trl_config
 from train.trainers.two_attempts import ATTEMPT1, ATTEMPT2, correction_metrics, rollout_rows, two_attempt_rollouts
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dapo")
@@ -90,7 +90,9 @@ def turn_reward(reward: Any, turn: int) -> Any:
 # ---- the trainer ----------------------------------------------------------------------------------------------------
 
 
-class ScoreGRPOTrainer(GRPOTrainer):
+class ScoreGRPOTrainer(StopOnNonFiniteLoss, GRPOTrainer):
+    loss_name = "the SCoRe loss (policy term + per-attempt KL)"
+
     def __init__(
         self,
         *args: Any,
