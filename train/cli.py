@@ -85,8 +85,22 @@ def cmd_run(recipe: Recipe, redo: list[str] | None = None, exit_after: bool = Fa
     return 0
 
 
+def eval_checkpoints(run: Any) -> list[tuple[str, Any]]:
+    """What `selfreward eval` measures, in order: the base model, the SFT seed adapter when the run trained one
+    (`sft.enabled`: iteration 1 starts from it, iter_0/adapter), then each whole iteration adapter until the first
+    missing one."""
+    checkpoints: list[tuple[str, Any]] = [("base", None)]
+    if run.adapter(0) is not None:
+        checkpoints.append(("sft", run.adapter(0)))
+    k = 1
+    while run.adapter(k) is not None:
+        checkpoints.append((f"iter_{k}", run.adapter(k)))
+        k += 1
+    return checkpoints
+
+
 def cmd_eval(recipe: Recipe, data: str | None) -> int:
-    """Evaluate the base model and every saved iteration adapter; rewrite output_dir/eval.jsonl."""
+    """Evaluate the base model, the SFT seed (if any) and every saved iteration adapter; rewrite output_dir/eval.jsonl."""
     from train.evaluate import evaluate
     from train.loop import Run
     from train.runtime.artifacts import write_jsonl
@@ -110,10 +124,7 @@ def cmd_eval(recipe: Recipe, data: str | None) -> int:
             raise ConfigError("no eval split: set data.eval_file or pass --data FILE.jsonl")
         measure = lambda run, adapter: evaluate(run.sharded_sampler, adapter, items, recipe)  # noqa: E731
     run = Run(recipe)
-    checkpoints: list[tuple[str, Any]] = [("base", None)]
-    while run.adapter(len(checkpoints)) is not None:
-        checkpoints.append((f"iter_{len(checkpoints)}", run.adapter(len(checkpoints))))
-    rows = [{"checkpoint": name} | measure(run, adapter) for name, adapter in checkpoints]
+    rows = [{"checkpoint": name} | measure(run, adapter) for name, adapter in eval_checkpoints(run)]
     if run.is_main:
         write_jsonl(run.out / "eval.jsonl", rows)
         print(_table(rows))

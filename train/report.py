@@ -100,8 +100,11 @@ def _num(v: Any) -> float | None:
 
 
 def _label(row: Row, i: int) -> str:
+    """Iteration 0 is the model iteration 1 starts from: the SFT seed when the run trained one (its `sft` phase)."""
     k = row.get("iteration", i)
-    return "base" if k == 0 else f"iter {k}"
+    if k == 0:
+        return "sft" if any(key.startswith(("sft/", "time/sft_")) for key in row) else "base"
+    return f"iter {k}"
 
 
 def series(rows: list[Row], key: str) -> tuple[list[str], list[float]]:

@@ -100,3 +100,28 @@ def test_metrics_jsonl_rewritten_not_appended(tmp_path):
         run.write_metrics(1)
     lines = (run.out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["pairs/pairs"] == 0
+
+
+def _adapter_on_disk(path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    save_file({"lora_A": torch.zeros(8, 4)}, str(path / "adapter_model.safetensors"))
+
+
+def test_eval_checkpoints_include_the_sft_seed_and_stop_at_the_first_missing_adapter(tmp_path):
+    """`selfreward eval` measures what the run measured at iteration 0 (the SFT seed when one was trained)."""
+    from train.cli import eval_checkpoints
+
+    out = tmp_path / "out"
+    for k in (0, 1, 3):  # iter_2 missing: iter_3 was not trained from a whole iter_2
+        _adapter_on_disk(out / f"iter_{k}" / "adapter")
+    with_sft = Recipe.model_validate(
+        {"algorithm": "meta_rewarding", "output_dir": str(out), "sft": {"enabled": True, "ift_file": "ift.jsonl"}}
+    )
+    names = [(n, a and a.parent.name) for n, a in eval_checkpoints(Run(with_sft, model_path="unused"))]
+    assert names == [("base", None), ("sft", "iter_0"), ("iter_1", "iter_1")]
+    without = Recipe.model_validate({"algorithm": "meta_rewarding", "output_dir": str(out)})
+    assert [n for n, _ in eval_checkpoints(Run(without, model_path="unused"))] == ["base", "iter_1"]

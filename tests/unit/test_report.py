@@ -131,6 +131,17 @@ def test_report_without_metrics_file_and_missing_keys(tmp_path):
     assert "No plottable metrics" in write_report(empty).read_text()
 
 
+def test_iteration_zero_is_labelled_sft_when_the_run_trained_a_seed(tmp_path):
+    """Iteration 0's eval measures the model iteration 1 starts from: the SFT seed when `sft.enabled`."""
+    from train.report import metrics_table
+
+    rows = [{"iteration": 0, "sft/loss": 1.2, "time/sft_s": 3.0, "eval/agreement": 0.5},
+            {"iteration": 1, "eval/agreement": 0.6}]  # fmt: skip
+    head = metrics_table(rows).split("</tr>")[0]
+    assert "<th>sft</th>" in head and "<th>iter 1</th>" in head and "base" not in head
+    assert "<th>base</th>" in metrics_table([{"iteration": 0, "eval/agreement": 0.5}])
+
+
 def test_report_missing_dir_is_a_usage_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "output dir not found" in capsys.readouterr().err
