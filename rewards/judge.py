@@ -46,9 +46,10 @@ JUDGE_PROMPT = (
     "points based on the outlined criteria."
 )
 
-# Meta-Rewarding, Figure 2 (meta-judge). Placeholders: {prompt}, {response}, {judgement_a}, {judgement_b}.
-# The sentence on order and length is ours, not the paper's: the paper corrects position bias numerically
-# (train/meta_judge.position_debias_weights); asking for it too costs nothing.
+# Meta-Rewarding, Figure 2 (meta-judge), word for word. Placeholders: {prompt}, {response}, {judgement_a},
+# {judgement_b}. The paper corrects the meta-judge's position bias numerically (§2.2, the ω weights:
+# rewards/judge_pairs.py::position_debias_weights), not in the prompt; an instruction about order or length here
+# would change the verdicts those weights and the Elo ranking are computed from.
 META_JUDGE_PROMPT = (
     "Review the user's question and the corresponding response, along with two judgments. Determine which "
     "judgment is more accurate according to the rubric provided below. The rubric used for the initial "
@@ -57,7 +58,7 @@ META_JUDGE_PROMPT = (
     "After examining the original question, response, and both judgments:\n"
     "- Explain which judgment is more accurate according to the original rubric and why. Consider factors "
     "such as adherence to the rubric, accuracy in evaluating the response, and consistency in applying the "
-    "criteria. Do not let the order in which the judgments are presented or their length influence you.\n"
+    "criteria.\n"
     "- Conclude with a clear statement of which judgment is better using the format: "
     "“Winner: [Judgement A | Judgement B]”"
 )

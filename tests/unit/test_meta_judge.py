@@ -164,3 +164,20 @@ def test_rho_for():
         rho_for(0, rhos)
     with pytest.raises(ValueError):
         rho_for(1, [])
+
+
+def test_meta_judge_prompt_is_figure_2_word_for_word():
+    """Meta-Rewarding Figure 2: the instructions after the judgments, with nothing of ours added (an extra line about
+    order or length would move the verdicts that §2.2's position weights and Elo are computed from)."""
+    from rewards.judge import meta_judge_prompt
+
+    text = meta_judge_prompt("Q?", "R.", "J1", "J2")
+    tail = text[text.index("After examining the original question") :]
+    words = " ".join(tail.split())
+    assert words == (
+        "After examining the original question, response, and both judgments: - Explain which judgment is more "
+        "accurate according to the original rubric and why. Consider factors such as adherence to the rubric, "
+        "accuracy in evaluating the response, and consistency in applying the criteria. - Conclude with a clear "
+        "statement of which judgment is better using the format: “Winner: [Judgement A | Judgement B]”"
+    )
+    assert text.index("Judgment A: J1") < text.index("Judgment B: J2")
