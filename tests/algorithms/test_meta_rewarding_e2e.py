@@ -62,6 +62,12 @@ def test_self_rewarding_iteration(tmp_path, smollm2_dir):
     assert (it / "adapter" / "adapter_model.safetensors").is_file()
     row = _rows(out / "metrics.jsonl")[-1]
     assert 0.0 <= row["judge/judge_parse_rate"] <= 1.0 and row["generate/mean_length"] > 0
+    responses = _rows(it / "responses.jsonl")  # the roofline's token counts (scripts/roofline.py), as ScPO records
+    assert row["generate/samples"] == len(responses) and row["generate/mean_tokens"] == pytest.approx(
+        mean(x["num_tokens"] for x in responses)
+    )
+    per_prompt = {x["prompt_id"]: x["prompt_tokens"] for x in responses}
+    assert row["generate/prompt_tokens"] == sum(per_prompt.values()) and min(per_prompt.values()) > 5
     assert row["train/train_judge_pairs"] == 0 and row["train/train_actor_pairs"] == row["actor_pairs/actor_pairs"]
 
 

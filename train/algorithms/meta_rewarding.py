@@ -41,7 +41,7 @@ from train.algorithms.self_instruct import generate_instructions
 from train.algorithms.self_judge import judge, meta_judge
 from train.algorithms.sft_seed import run_sft_seed
 from train.data import conversation, iteration_items, load_items
-from train.engine import GenParams
+from train.engine import GenParams, render_prompts
 from train.errors import StopRun
 from train.evaluate import judge_agreement
 from train.loop import ENGINE_KEYS, PROMPT_KEYS, TRAIN_KEYS, Run, items_digest
@@ -73,7 +73,8 @@ def generate_responses(run: Run, k: int, items: list[dict[str, Any]]) -> dict[st
     log = _rank_log(run.iter_dir(k) / "responses.jsonl", lambda row: row["prompt_id"], cfg.num_responses)
 
     def work(chunk: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], None]:
-        outs = run.sampler.generate([conversation(it, r.data) for it in chunk], params, desc=f"iter {k} actor")
+        prompt_ids = render_prompts(run.sampler.tokenizer, [conversation(it, r.data) for it in chunk])
+        outs = run.sampler.generate_ids(prompt_ids, params, desc=f"iter {k} actor")
         rows = [
             {
                 "prompt_id": it["id"],
@@ -83,8 +84,9 @@ def generate_responses(run: Run, k: int, items: list[dict[str, Any]]) -> dict[st
                 "length": len(s.text),
                 "num_tokens": len(s.token_ids),
                 "finish_reason": s.finish_reason,
+                "prompt_tokens": len(ids),
             }
-            for it, samples in zip(chunk, outs)
+            for it, ids, samples in zip(chunk, prompt_ids, outs)
             for j, s in enumerate(samples)
         ]
         return rows, None
@@ -96,6 +98,10 @@ def generate_responses(run: Run, k: int, items: list[dict[str, Any]]) -> dict[st
         "responses": len(rows),
         "mean_length": mean(x["length"] for x in rows) if rows else 0.0,
         "truncated_rate": mean(x["finish_reason"] == "length" for x in rows) if rows else 0.0,
+        # token counts as ScPO's generate phase records them, for the bench's roofline (scripts/roofline.py)
+        "samples": len(rows),
+        "mean_tokens": mean(x["num_tokens"] for x in rows) if rows else 0.0,
+        "prompt_tokens": sum(x.get("prompt_tokens", 0) for x in rows if x["response_idx"] == 0),  # each prompt once
     }
 
 
