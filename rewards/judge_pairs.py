@@ -46,6 +46,9 @@ def battle_matrix(n: int, outcomes: list[tuple[int, int, str | None]]) -> np.nda
 
     Each outcome is (m, k, winner): m was shown first ("Judgement A"), k second, winner in {"A", "B", None}.
     ω1, ω2 come from the first/second-position win counts over all outcomes given; None verdicts are ignored.
+    §2.2 does not say over which battles win_1st and win_2nd are counted; the reading taken (the caller,
+    train/algorithms/meta_rewarding.py) passes one prompt's battles, the N·(N−1) ordered comparisons that build
+    that prompt's B, so ω corrects the position bias the meta-judge showed on those judgements.
     """
     for m, k, _ in outcomes:
         if not (0 <= m < n and 0 <= k < n) or m == k:
@@ -137,7 +140,8 @@ def select_judge_pair(
 def pick_meta_judge_response(score_lists: list[list[float | None]]) -> int | None:
     """The response whose judgements disagree most (largest score variance; Meta-Rewarding §2.2).
 
-    Needs at least two parsed scores; ties go to the first response; None if no response qualifies.
+    Needs at least two parsed scores; None if no response qualifies. The paper does not say how ties are broken;
+    the reading taken is the first response in sampling order (deterministic, so a rerun picks the same one).
     """
     best, best_var = None, -1.0
     for i, scores in enumerate(score_lists):
