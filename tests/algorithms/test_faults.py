@@ -713,11 +713,19 @@ def test_sigkill_in_meta_rewarding_chunk_appends_resumes_without_loss(tiny_model
     assert_no_torn_finals(out)
 
 
+class _CharTokenizer:
+    """The last message's characters as token ids, so the fake engine can read a rendered prompt back."""
+
+    @staticmethod
+    def apply_chat_template(conv, tokenize=True, add_generation_prompt=True):
+        return [ord(c) for c in conv[-1]["content"]]
+
+
 class _FakeEngine:
     """Deterministic sampler: responses, "Score: X" judgements and "Winner" verdicts from the prompt text; raises
     like a dead engine on call `die_at`."""
 
-    tokenizer = None
+    tokenizer = _CharTokenizer()
 
     def __init__(self, die_at: int | None = None):
         self.die_at, self.calls = die_at, []
@@ -743,6 +751,11 @@ class _FakeEngine:
                 texts = [f"answer {h % 97} {'x' * j}" for j in range(params.n)]
             out.append([Sample(t, [1] * len(t), "stop") for t in texts])
         return out
+
+    def generate_ids(self, prompt_ids, params, desc=""):
+        return self.generate(
+            [[{"role": "user", "content": "".join(map(chr, ids))}] for ids in prompt_ids], params, desc
+        )
 
 
 def test_meta_rewarding_phases_keep_finished_chunks_when_the_engine_dies(tmp_path, monkeypatch):

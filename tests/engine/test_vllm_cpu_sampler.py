@@ -107,6 +107,33 @@ def test_sampling_draws_vllms_top_p_set_with_its_probabilities(vllm_ops, monkeyp
     assert kept[2].sum() > 64, "the flat row needs vLLM's path"
 
 
+def test_temperature_alone_draws_the_whole_softmax(vllm_ops, monkeypatch):
+    """No top-p: candidates or tail, each token keeps its softmax probability. Rows with much mass outside the top 4
+    (the tail branch, vLLM's Gumbel-max), a peaked row, and a row allowed only 3 tokens (-inf elsewhere: the tail is
+    never drawn), 4,000 draws each over a 64-token vocabulary."""
+    from train.engine import vllm_cpu_sampler
+
+    monkeypatch.setattr(vllm_cpu_sampler, "CANDIDATES", (4, 64))
+    g = torch.Generator().manual_seed(7)
+    rows = torch.randn(4, 64, generator=g)
+    rows[1] *= 3.0
+    rows[2, :2] += 6.0  # peaked
+    rows[3, 3:] = -float("inf")  # allowed tokens 0-2 only
+    draws = 4000
+    torch.manual_seed(1)
+    tokens, processed = _sample(vllm_ops, rows.repeat_interleave(draws, 0), None)
+    assert processed is None and tokens.dtype == torch.int64
+    top4_share = []
+    for r in range(4):
+        drawn = tokens[r * draws : (r + 1) * draws]
+        want = rows[r].softmax(-1)
+        got = torch.bincount(drawn, minlength=64).float() / draws
+        assert (got - want).abs().max() < 0.03, f"row {r}: frequencies {(got - want).abs().max():.3f} off"
+        top4_share.append(float(got[want.topk(4).indices].sum()))
+    assert top4_share[0] < 0.8, "row 0 drew from the tail often (vLLM's Gumbel-max on the other tokens)"
+    assert set(tokens[3 * draws :].tolist()) <= {0, 1, 2}
+
+
 def test_seeded_rows_top_k_and_processed_logprobs_keep_vllms_sampler(vllm_ops, monkeypatch):
     from train.engine import vllm_cpu_sampler
 
@@ -115,8 +142,10 @@ def test_seeded_rows_top_k_and_processed_logprobs_keep_vllms_sampler(vllm_ops, m
     vllm_forward = vllm_cpu_sampler._VLLM_FORWARD_CPU
     monkeypatch.setattr(vllm_cpu_sampler, "_VLLM_FORWARD_CPU", lambda *a: calls.append(a) or vllm_forward(*a))
     logits, p = _lm_like(4, 4096, 6), torch.full((4,), 0.9)
+    torch.manual_seed(0)
     _sample(vllm_ops, logits.clone(), p)
-    assert calls == [], "top-p alone, unseeded: ours"
+    _sample(vllm_ops, logits.clone(), None)  # peaked rows: the top candidates hold all but ~1e-4 of the mass
+    assert calls == [], "top-p alone or temperature alone, unseeded: ours"
     _sample(vllm_ops, logits.clone(), p, generators={0: torch.Generator().manual_seed(1)})
     _sample(vllm_ops, logits.clone(), p, k=torch.full((4,), 5))
     tokens, processed = _sample(vllm_ops, logits.clone(), p, mode="processed_logprobs")
