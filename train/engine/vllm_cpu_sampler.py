@@ -56,14 +56,26 @@ def _exp_sums(logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
     return sums
 
 
+def _top_probs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A row's k most probable tokens, descending: (logits, ids, probabilities over the whole vocabulary)."""
+    top_logits, idx = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    top = (top_logits - top_logits[:, :1]).exp_().div_(_exp_sums(logits, top_logits[:, 0]).unsqueeze(1))
+    return top_logits, idx, top
+
+
+def _race(weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """One id per row, weights[j] / sum(weights) the chance of idx[j]: argmax(weight / Exp(1)), the exponential race
+    (vLLM's `random_sample` draws the same way over the whole vocabulary). Overwrites `weights`."""
+    race = torch.empty_like(weights).exponential_().clamp_min_(torch.finfo(torch.float32).tiny)  # 0 would give 0/0
+    return idx.gather(1, weights.div_(race).argmax(dim=-1, keepdim=True)).squeeze(1)
+
+
 def _candidates(
     logits: torch.Tensor, p: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A row's k most probable tokens: (logits, ids, probabilities, kept, decided), descending. `kept`: the mass
     ranked strictly above the token is below p (vLLM's rule); `decided`: the k together hold at least p."""
-    k = min(k, logits.shape[-1])
-    top_logits, idx = logits.topk(k, dim=-1)
-    top = (top_logits - top_logits[:, :1]).exp_().div_(_exp_sums(logits, top_logits[:, 0]).unsqueeze(1))
+    top_logits, idx, top = _top_probs(logits, k)
     above = top.cumsum(dim=-1).sub_(top)
     p = p.to(torch.float32)
     kept = above < p.unsqueeze(1)
@@ -87,9 +99,7 @@ def sample_top_p_from_top_k(logits: torch.Tensor, p: torch.Tensor, k: int) -> tu
     valid where `decided[b]` (as `top_p_from_top_k`). The exponential race over the kept candidates: vLLM's
     `random_sample` draws the same way over the whole vocabulary."""
     _, idx, top, kept, decided = _candidates(logits.float(), p, k)
-    race = torch.empty_like(top).exponential_().clamp_min_(torch.finfo(torch.float32).tiny)  # 0 would give 0/0
-    choice = top.masked_fill_(~kept, 0.0).div_(race).argmax(dim=-1, keepdim=True)
-    return idx.gather(1, choice).squeeze(1), decided
+    return _race(top.masked_fill_(~kept, 0.0), idx), decided
 
 
 def apply_top_k_top_p(
@@ -121,12 +131,9 @@ def sample_from_top_k_or_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tenso
     Gumbel-max draws. A row whose other tokens are all -inf (allowed_token_ids, bad words) never needs it. Exact:
     a candidate keeps probability covered · p/covered = p, any other token (1 - covered) · p/(1 - covered) = p."""
     logits = logits.float()
-    k = min(k, logits.shape[-1])
-    top_logits, idx = logits.topk(k, dim=-1)
-    top = (top_logits - top_logits[:, :1]).exp_().div_(_exp_sums(logits, top_logits[:, 0]).unsqueeze(1))
+    _, idx, top = _top_probs(logits, k)
     covered = top.sum(dim=-1)
-    race = torch.empty_like(top).exponential_().clamp_min_(torch.finfo(torch.float32).tiny)
-    tokens = idx.gather(1, top.div_(race).argmax(dim=-1, keepdim=True)).squeeze(1)
+    tokens = _race(top, idx)
     tail = (torch.rand_like(covered) >= covered).nonzero().squeeze(1)
     rest = logits[tail].scatter_(1, idx[tail], -float("inf"))
     some = torch.isfinite(rest).any(dim=-1)
