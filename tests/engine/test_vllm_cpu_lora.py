@@ -1,4 +1,5 @@
-"""The grouped CPU LoRA ops compute exactly what vLLM's own torch ops compute, and the plugin installs them."""
+"""The grouped CPU LoRA ops and the fused `add_lora_linear` compute the product vLLM's ops define (and leave tokens
+with no adapter alone, as vLLM's GPU kernels do), and the plugin installs them."""
 
 from __future__ import annotations
 
@@ -45,23 +46,69 @@ def test_shrink_and_expand_match_vllm(indices, four_dim):
 
     want, got = torch.zeros(tokens, rank), torch.zeros(tokens, rank)
     ref.bgmv_shrink(x, a, want, idx, 0.5)
+    want[idx < 0] = 0  # vLLM's CPU op would use slot -1 (the last); no adapter means no LoRA product
     vllm_cpu_lora.bgmv_shrink(x, a, got, idx, 0.5)
     torch.testing.assert_close(got, want)
     assert got.abs().sum() > 0
 
     h = torch.randn(tokens, rank, generator=g)
+    h_ref = h.masked_fill((idx < 0).unsqueeze(1), 0)  # no product for no-adapter tokens (see above)
     for add in (False, True):
         base = torch.randn(tokens, hidden, generator=g)
         want, got = base.clone(), base.clone()
-        ref.bgmv_expand(h, b, want, idx, add)
+        ref.bgmv_expand(h_ref, b, want, idx, add)
         vllm_cpu_lora.bgmv_expand(h, b, got, idx, add)
         torch.testing.assert_close(got, want)
 
         want, got = base.clone(), base.clone()
-        ref.bgmv_expand_slice(h, b[..., :8, :], want, idx, 4, 8, add)
+        ref.bgmv_expand_slice(h_ref, b[..., :8, :], want, idx, 4, 8, add)
         vllm_cpu_lora.bgmv_expand_slice(h, b[..., :8, :], got, idx, 4, 8, add)
         torch.testing.assert_close(got, want)
         assert not torch.equal(got, base)
+
+
+def _wrapper(indices: list[int]):
+    """vLLM's CPU punica wrapper with our methods, its metadata set for one step whose tokens use `indices`
+    (adapter slots, -1 = none) the way vLLM's model runner sets it (adapter ids 0 = none, mapped to slots)."""
+    require("vllm")
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    w = PunicaWrapperCPU(64, 8, device="cpu")
+    ids = tuple(i + 1 if i >= 0 else 0 for i in indices)
+    vllm_cpu_lora.update_metadata(w, LoRAMapping(ids, ids, is_prefill=True), [1, 2, 3], 3, 1000)
+    return w
+
+
+@pytest.mark.parametrize("indices", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slices", [(24,), (24, 8, 8), (16, 16)], ids=["o", "qkv", "gate-up"])
+def test_fused_add_lora_linear_is_the_sum_over_slices(indices, dtype, slices):
+    # vLLM's contract: y[t, slice i] += scale * x[t] @ A_i[slot].T @ B_i[slot].T, for tokens with an adapter slot
+    g = torch.Generator().manual_seed(1)
+    tokens, hidden, rank, slots = len(indices), 24, 4, 3
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    a = tuple(torch.randn(slots, 1, rank, hidden, generator=g).to(dtype) for _ in slices)
+    b = tuple(torch.randn(slots, 1, n, rank, generator=g).to(dtype) for n in slices)
+    y = torch.randn(tokens, sum(slices), generator=g).to(dtype)
+
+    want = y.double().clone()
+    for t, slot in enumerate(indices):
+        if slot < 0:
+            continue
+        parts = [x[t].double() @ ai[slot, 0].double().T @ bi[slot, 0].double().T for ai, bi in zip(a, b)]
+        want[t] += 0.5 * torch.cat(parts)
+    got = y.clone()
+    vllm_cpu_lora.add_lora_linear(_wrapper(indices), got, x, a, b, 0.5, slices)
+    tol = dict(rtol=2e-2, atol=0.5) if dtype is torch.bfloat16 else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got.double(), want, **tol)
+    assert torch.equal(got[torch.tensor(indices) < 0], y[torch.tensor(indices) < 0]), "no adapter, no change"
+
+    # add_inputs=False (vLLM's separate-output path): the LoRA product alone
+    alone = y.clone()
+    vllm_cpu_lora.add_lora_linear(_wrapper(indices), alone, x, a, b, 0.5, slices, add_inputs=False)
+    rows = torch.tensor(indices) >= 0
+    torch.testing.assert_close(alone[rows].double(), (want - y.double())[rows], **tol)
 
 
 def test_plugin_is_registered_and_replaces_the_cpu_ops(monkeypatch):
@@ -84,6 +131,8 @@ def test_plugin_is_registered_and_replaces_the_cpu_ops(monkeypatch):
     vllm_cpu_lora.install()
     for name, fn in vllm_cpu_lora.FASTPATH.items():
         assert getattr(punica_cpu, name) is fn and getattr(ops, name) is fn
+    for name, fn in vllm_cpu_lora.WRAPPER_METHODS.items():
+        assert getattr(punica_cpu.PunicaWrapperCPU, name) is fn
 
 
 @pytest.mark.slow
