@@ -23,7 +23,7 @@ from rewards.votes import consistency, majority_answer
 from train.algorithms.self_judge import judge
 from train.config import ConfigError, Recipe
 from train.data import Item, conversation, jsonl_objects
-from train.engine import GenParams, Sampler, render_prompts
+from train.engine import GenParams, Sampler, generate_together, render_prompts
 
 EVAL_KEYS = ("accuracy", "sample_accuracy", "majority_accuracy", "consistency")
 
@@ -40,13 +40,16 @@ def evaluate(sampler: Sampler, adapter: Path | None, items: list[Item], recipe: 
     max_tokens = ev.max_tokens or recipe.sampling.max_tokens
     prompt_ids = render_prompts(sampler.tokenizer, [conversation(it, recipe.data) for it, _ in kept])
     sampler.set_adapter(str(adapter) if adapter else None)
-    greedy = sampler.generate_ids(
-        prompt_ids, GenParams(n=1, temperature=0.0, max_tokens=max_tokens), desc="eval greedy"
-    )
-    sampled = sampler.generate_ids(
-        prompt_ids,
-        GenParams(n=ev.num_samples, temperature=ev.temperature, top_p=ev.top_p, max_tokens=max_tokens),
-        desc="eval sampled",
+    greedy, sampled = generate_together(
+        sampler,
+        [
+            (prompt_ids, GenParams(n=1, temperature=0.0, max_tokens=max_tokens)),
+            (
+                prompt_ids,
+                GenParams(n=ev.num_samples, temperature=ev.temperature, top_p=ev.top_p, max_tokens=max_tokens),
+            ),
+        ],
+        desc="eval",
     )
     acc = sample_acc = maj_acc = cons = 0.0
     lengths, tokens = [], 0

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import require
 from train.config import SamplingConfig
-from train.engine import GenParams, HFSampler, render_prompts
+from train.engine import GenParams, HFSampler, generate_together, render_prompts
 
 CONVS = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "Name a color."}]]
 
@@ -85,6 +85,14 @@ def test_vllm_engine_hot_swaps_adapters(tiny_model_dir, tmp_path):
         ("", [], "length")
     ]
     assert long_and_short[1][0].token_ids == base[1]
+    # greedy and sampled batches in one engine call (the eval): each keeps its own params, an over-long prompt too
+    greedy_again, sampled = generate_together(
+        s, [([ids[0] * 40, *ids], greedy), (ids, GenParams(n=3, temperature=1.0, max_tokens=8))]
+    )
+    assert [o[0].token_ids for o in greedy_again[1:]] == base and greedy_again[0][0].token_ids == []
+    assert [len(o) for o in sampled] == [3, 3] and all(
+        x.finish_reason in ("stop", "length") for o in sampled for x in o
+    )
     a1 = _random_adapter(tiny_model_dir, str(tmp_path / "a1"), 1)
     a2 = _random_adapter(tiny_model_dir, str(tmp_path / "a2"), 2)
     s.set_adapter(a1)

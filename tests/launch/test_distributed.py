@@ -106,8 +106,15 @@ def test_map_sharded_keeps_order_across_ranks(tmp_path):
     script.write_text(
         "import json, sys\n"
         "from train.runtime import distributed as dist\n"
+        "from train.engine import GenParams, ShardedSampler, generate_together\n"
         "out = dist.map_sharded(lambda xs: [(x, dist.rank()) for x in xs], list(range(7)))\n"
-        "open(sys.argv[1] + f'/rank{dist.rank()}.json', 'w').write(json.dumps(out))\n"
+        "class Inner:\n"
+        "    tokenizer = None\n"
+        "    def generate_ids_together(self, batches, desc=''):\n"
+        "        return [[(ids[0], p.n, dist.rank()) for ids in part] for part, p in batches]\n"
+        "batches = [([[i] for i in range(5)], GenParams(n=1)), ([[10 + i] for i in range(4)], GenParams(n=3))]\n"
+        "together = generate_together(ShardedSampler(Inner()), batches)\n"
+        "open(sys.argv[1] + f'/rank{dist.rank()}.json', 'w').write(json.dumps([out, together]))\n"
         "dist.shutdown()\n"  # as `selfreward run` does
     )
     env = os.environ | {"PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
@@ -116,8 +123,10 @@ def test_map_sharded_keeps_order_across_ranks(tmp_path):
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     want = [[x, x % 2] for x in range(7)]  # item x was mapped by rank x % 2
-    assert json.loads((tmp_path / "rank0.json").read_text()) == want
-    assert json.loads((tmp_path / "rank1.json").read_text()) == want
+    # the eval's greedy and sampled batches in one call: shards of the 9 prompts of both, each back in its batch
+    together = [[[i, 1, i % 2] for i in range(5)], [[10 + i, 3, (5 + i) % 2] for i in range(4)]]
+    assert json.loads((tmp_path / "rank0.json").read_text()) == [want, together]
+    assert json.loads((tmp_path / "rank1.json").read_text()) == [want, together]
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from train.engine.base import (
     Sample,
     Sampler,
     ShardedSampler,
+    generate_together,
     render_prompts,
     skip_overlong,
 )
@@ -26,7 +27,7 @@ from train.engine.vllm import VLLMSampler, free_accelerator_memory
 
 __all__ = [
     "VLLM_LORA_RANKS", "Conversation", "GenParams", "HFSampler", "Sample", "Sampler", "ShardedSampler",
-    "VLLMSampler", "close_sampler", "engine_stats", "free_accelerator_memory", "get_sampler", "render_prompts", "skip_overlong",
+    "VLLMSampler", "close_sampler", "engine_stats", "free_accelerator_memory", "generate_together", "get_sampler", "render_prompts", "skip_overlong",
 ]  # fmt: skip
 
 _ENGINE: Sampler | None = None

@@ -55,23 +55,54 @@ def render_prompts(tokenizer: Any, conversations: list[Conversation]) -> list[li
     return out
 
 
-def skip_overlong(prompt_ids: list[list[int]], params: GenParams, limit: int, generate: Any) -> list[list[Sample]]:
-    """Run `generate` on the prompts that fit the context; the others get `n` empty "length" samples.
+def skip_overlong(
+    prompt_ids: list[list[int]], params: GenParams | list[GenParams], limit: int, generate: Any
+) -> list[list[Sample]]:
+    """`generate(prompts, their params)` on the prompts that fit the context; the others get `n` empty "length" samples.
+    `params`: one GenParams for all prompts, or one per prompt.
 
     vLLM rejects a prompt longer than max_model_len by failing the whole batch; one over-long judge prompt
     must cost one null score, not the run."""
+    each = params if isinstance(params, list) else [params] * len(prompt_ids)
     fits = [i for i, ids in enumerate(prompt_ids) if len(ids) < limit]
     if len(fits) == len(prompt_ids):
-        return generate(prompt_ids)
+        return generate(prompt_ids, each)
     logging.getLogger("selfreward").warning(
         "%d of %d prompts are longer than sampling.max_model_len=%d tokens; they get empty samples",
         len(prompt_ids) - len(fits),
         len(prompt_ids),
         limit,
     )
-    out = [[Sample("", [], "length") for _ in range(params.n)] for _ in prompt_ids]
-    for i, samples in zip(fits, generate([prompt_ids[i] for i in fits]) if fits else []):
+    out = [[Sample("", [], "length") for _ in range(p.n)] for p in each]
+    done = generate([prompt_ids[i] for i in fits], [each[i] for i in fits]) if fits else []
+    for i, samples in zip(fits, done):
         out[i] = samples
+    return out
+
+
+Batch = tuple[list[list[int]], GenParams]  # prompt ids and the params they are all sampled with
+
+
+def generate_together(sampler: Sampler, batches: list[Batch], desc: str = "") -> list[list[list[Sample]]]:
+    """Several batches of prompt ids, each with its own params, in one engine call where the engine takes
+    per-prompt params (vLLM, `generate_ids_together`), else one call per batch. One call lets the sequences of
+    all batches share each decode step and the prompts' cached prefixes: the eval's 48 greedy answers otherwise run
+    as a call of their own, 48 sequences per step (docs/results.md, "One engine call per eval")."""
+    together = getattr(sampler, "generate_ids_together", None)
+    if together is not None:
+        return together(batches, desc)
+    return [sampler.generate_ids(ids, params, desc) for ids, params in batches]
+
+
+def flatten_batches(batches: list[Batch]) -> tuple[list[list[int]], list[GenParams]]:
+    return [ids for part, _ in batches for ids in part], [p for part, p in batches for _ in part]
+
+
+def regroup_batches(batches: list[Batch], flat: list[Any]) -> list[list[Any]]:
+    out, start = [], 0
+    for part, _ in batches:
+        out.append(flat[start : start + len(part)])
+        start += len(part)
     return out
 
 
@@ -88,6 +119,20 @@ class ShardedSampler:
 
     def generate_ids(self, prompt_ids: list[list[int]], params: GenParams, desc: str = "") -> list[list[Sample]]:
         return dist.map_sharded(lambda part: self.inner.generate_ids(part, params, desc), prompt_ids)
+
+    def generate_ids_together(self, batches: list[Batch], desc: str = "") -> list[list[list[Sample]]]:
+        """`generate_together` on this rank's shard of the prompts of all batches together."""
+        ids, params = flatten_batches(batches)
+
+        def mine(part: list[int]) -> list[list[Sample]]:
+            kept = [[i for i in part if params[i] is p] for _, p in batches]
+            results = generate_together(
+                self.inner, [([ids[i] for i in k], p) for k, (_, p) in zip(kept, batches)], desc
+            )
+            by_index = {i: r for k, rs in zip(kept, results) for i, r in zip(k, rs)}
+            return [by_index[i] for i in part]
+
+        return regroup_batches(batches, dist.map_sharded(mine, list(range(len(ids)))))
 
     def set_adapter(self, path: str | None) -> None:
         self.inner.set_adapter(path)

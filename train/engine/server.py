@@ -191,7 +191,7 @@ class ServerSampler:
         return self.generate_ids(render_prompts(self.tokenizer, conversations), params, desc)
 
     def generate_ids(self, prompt_ids: list[list[int]], params: GenParams, desc: str = "") -> list[list[Sample]]:
-        return skip_overlong(prompt_ids, params, self.max_model_len, lambda fit: self._generate(fit, params, desc))
+        return skip_overlong(prompt_ids, params, self.max_model_len, lambda fit, _: self._generate(fit, params, desc))
 
     def _generate(self, prompt_ids: list[list[int]], params: GenParams, desc: str = "") -> list[list[Sample]]:
         out: list[list[Sample]] = []

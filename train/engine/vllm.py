@@ -11,7 +11,17 @@ from functools import partial
 from typing import Any
 
 from train.config import SamplingConfig
-from train.engine.base import VLLM_LORA_RANKS, Conversation, GenParams, Sample, render_prompts, skip_overlong
+from train.engine.base import (
+    VLLM_LORA_RANKS,
+    Batch,
+    Conversation,
+    GenParams,
+    Sample,
+    flatten_batches,
+    regroup_batches,
+    render_prompts,
+    skip_overlong,
+)
 from train.runtime import distributed as dist
 from train.runtime.progress import LogBar, progress_enabled
 
@@ -210,27 +220,39 @@ class VLLMSampler:
 
     def generate_ids(self, prompt_ids: list[list[int]], params: GenParams, desc: str = "") -> list[list[Sample]]:
         """Continue exact token ids (multi-turn rollouts must not re-tokenize earlier turns)."""
-        if not prompt_ids:
-            return []
-        return skip_overlong(prompt_ids, params, self.max_model_len, lambda fit: self._generate(fit, params, desc))
+        return self.generate_ids_together([(prompt_ids, params)], desc)[0]
 
-    def _generate(self, prompt_ids: list[list[int]], params: GenParams, desc: str = "") -> list[list[Sample]]:
+    def generate_ids_together(self, batches: list[Batch], desc: str = "") -> list[list[list[Sample]]]:
+        """Several batches, each with its own params, in one engine call (`generate_together`)."""
+        ids, params = flatten_batches(batches)
+        if not ids:
+            return [[] for _ in batches]
+        return regroup_batches(
+            batches, skip_overlong(ids, params, self.max_model_len, partial(self._generate, desc=desc))
+        )
+
+    def _generate(self, prompt_ids: list[list[int]], params: list[GenParams], desc: str = "") -> list[list[Sample]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         self.wake()
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
-        sp = SamplingParams(
-            n=params.n,
-            temperature=params.temperature,
-            top_p=params.top_p if params.temperature > 0 else 1.0,
-            max_tokens=params.max_tokens,
-            stop=params.stop or None,
-            allowed_token_ids=params.allowed_token_ids,
-        )
+        distinct = {id(p): p for p in params}  # one SamplingParams per GenParams object, shared by its prompts
+        sampling = {
+            key: SamplingParams(
+                n=p.n,
+                temperature=p.temperature,
+                top_p=p.top_p if p.temperature > 0 else 1.0,
+                max_tokens=p.max_tokens,
+                stop=p.stop or None,
+                allowed_token_ids=p.allowed_token_ids,
+            )
+            for key, p in distinct.items()
+        }
+        sp = [sampling[id(p)] for p in params]
         t0 = time.perf_counter()
         # One engine call whatever the terminal: vLLM's own bar on one, log lines at every tenth without (rank 0).
-        min_total = self.batch_size * params.n + 1
+        min_total = self.batch_size * max(p.n for p in params) + 1
         bar = True if progress_enabled() else partial(LogBar.for_vllm, label=desc or "generate", min_total=min_total)
         outs = self.llm.generate(prompts, sp, lora_request=self._lora, use_tqdm=bar)
         self.generate_s += time.perf_counter() - t0
