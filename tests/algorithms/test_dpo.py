@@ -137,6 +137,49 @@ def test_precomputed_reference_gives_the_same_weighted_loss(tiny_model_dir, init
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_cpu_scores_only_the_labelled_positions_with_the_same_loss_and_gradients(
+    tiny_model_dir, init_adapter, tmp_path, monkeypatch
+):
+    import trl.kernels.chunked_logprob as trl_kernel
+    import trl.trainer.utils as trl_utils
+
+    from train.trainers.trl_config import score_labelled_positions_on_cpu
+
+    trainer = make_trainer(tiny_model_dir, init_adapter, PAIRS, tmp_path, beta=0.5, alpha=0.7)
+    batch = batch_of(trainer, [0, 1, 2])
+    rows: list[int] = []
+    head = trl_utils._ChunkedLogProbFunction
+
+    class Counting:  # TRL's own function, counting the positions it is given
+        @staticmethod
+        def apply(hidden, *args):
+            rows.append(hidden.shape[0])
+            return head.apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Counting)
+
+    def loss_and_grads():
+        trainer.model.zero_grad()
+        rows.clear()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, list(rows)
+
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_kernel._use_triton)  # TRL as shipped: every position on CPU
+    loss_all, grads_all, rows_all = loss_and_grads()
+    score_labelled_positions_on_cpu()
+    loss_some, grads_some, rows_some = loss_and_grads()
+
+    positions, labelled = batch["input_ids"][:, 1:].numel(), int(batch["completion_mask"][:, 1:].sum())
+    # two scored forwards per loss (policy, then reference): every position before, the labelled ones after
+    assert rows_all == [positions] * 2 and rows_some == [labelled] * 2 and labelled < positions / 2
+    torch.testing.assert_close(loss_some, loss_all, rtol=1e-6, atol=1e-7)
+    assert grads_some.keys() == grads_all.keys() and grads_all
+    for name, g in grads_all.items():
+        torch.testing.assert_close(grads_some[name], g, rtol=1e-5, atol=1e-7)
+
+
 def test_dpo_config_precomputes_the_reference_and_autocasts_where_the_cpu_has_bf16(tmp_path, monkeypatch):
     import train.trainers.trl_config as trl_config
     from train.runtime import distributed as dist
