@@ -88,9 +88,9 @@ def add_lora_linear(
         a = torch.cat([w[slot].reshape(-1, w.shape[-1]) for w in lora_a_stacked]).to(x.dtype)
         b = torch.block_diag(*[w[slot].reshape(-1, w.shape[-1]) for w in lora_b_stacked]).to(out.dtype)
         if rows is None:
-            out.addmm_(x @ a.T, b.T, beta=keep, alpha=scale)
+            out.addmm_((x @ a.T).to(out.dtype), b.T, beta=keep, alpha=scale)
         else:
-            delta = (x.index_select(0, rows) @ a.T) @ b.T
+            delta = (x.index_select(0, rows) @ a.T).to(out.dtype) @ b.T
             out.index_copy_(0, rows, out.index_select(0, rows).mul_(keep).add_(delta, alpha=scale))
 
 
