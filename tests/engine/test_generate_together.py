@@ -66,3 +66,10 @@ def test_overlong_prompts_get_n_empty_samples_of_their_own_params():
     # one GenParams for all prompts, as before
     out = skip_overlong([[1] * 9, [2]], GenParams(n=2), 8, generate)
     assert [[s.text for s in row] for row in out] == [["", ""], ["ok", "ok"]]
+
+
+def test_two_batches_sharing_one_params_object_stay_apart():
+    same = GenParams(n=2)
+    for engine in (_Together(), _OneCallPerBatch()):
+        out = generate_together(ShardedSampler(engine), [([[1], [2]], same), ([[3]], same)])
+        assert _texts(out) == [[["1/2"] * 2, ["2/2"] * 2], [["3/2"] * 2]]

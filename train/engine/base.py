@@ -122,10 +122,11 @@ class ShardedSampler:
 
     def generate_ids_together(self, batches: list[Batch], desc: str = "") -> list[list[list[Sample]]]:
         """`generate_together` on this rank's shard of the prompts of all batches together."""
-        ids, params = flatten_batches(batches)
+        ids, _ = flatten_batches(batches)
+        batch_of = [b for b, (part, _) in enumerate(batches) for _ in part]  # the same GenParams may serve two batches
 
         def mine(part: list[int]) -> list[list[Sample]]:
-            kept = [[i for i in part if params[i] is p] for _, p in batches]
+            kept = [[i for i in part if batch_of[i] == b] for b in range(len(batches))]
             results = generate_together(
                 self.inner, [([ids[i] for i in k], p) for k, (_, p) in zip(kept, batches)], desc
             )
