@@ -177,3 +177,58 @@ def test_engine_processes_die_with_a_killed_parent(tiny_model_dir, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_layers_the_adapter_leaves_out_get_no_product_until_vllm_writes_the_slot():
+    # vLLM zeroes a slot's B for layers the adapter does not cover; ours skips that product and caches each slot's
+    # stacked weights, so a new adapter written into the slot in place (as vLLM loads one) must be picked up.
+    g = torch.Generator().manual_seed(3)
+    w = _wrapper([0, 0, 1, 1])
+    x = torch.randn(4, 24, generator=g)
+    a = (torch.randn(2, 1, 4, 24, generator=g),)
+    b = (torch.zeros(2, 1, 24, 4),)
+    b[0][0].copy_(torch.randn(1, 24, 4, generator=g))  # slot 0 live, slot 1 left out
+    y = torch.randn(4, 24, generator=g)
+
+    def product(slot: int, t: int) -> torch.Tensor:
+        return 0.5 * x[t] @ a[0][slot, 0].T @ b[0][slot, 0].T
+
+    got = y.clone()
+    vllm_cpu_lora.add_lora_linear(w, got, x, a, b, 0.5, (24,))
+    torch.testing.assert_close(got[:2], y[:2] + torch.stack([product(0, 0), product(0, 1)]))
+    assert torch.equal(got[2:], y[2:]), "a left-out layer adds nothing"
+    alone = y.clone()
+    vllm_cpu_lora.add_lora_linear(w, alone, x, a, b, 0.5, (24,), add_inputs=False)
+    assert torch.equal(alone[2:], torch.zeros(2, 24)), "without add_inputs the output is the (zero) product"
+
+    b[0][1].copy_(torch.randn(1, 24, 4, generator=g))  # a new adapter in slot 1, written in place
+    again = y.clone()
+    vllm_cpu_lora.add_lora_linear(w, again, x, a, b, 0.5, (24,))
+    torch.testing.assert_close(again[2:], y[2:] + torch.stack([product(1, 2), product(1, 3)]))
+
+
+def test_lm_head_without_adapter_weights_gets_no_product(monkeypatch):
+    # vLLM wraps the LM head for LoRA whenever LoRA is on; PEFT's all-linear adapters never cover it, so vLLM's slot
+    # stays zero and its product ([tokens x vocab]) is skipped. A live slot still goes through vLLM's own path.
+    require("vllm")
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    vllms = vllm_cpu_lora._VLLM.get("add_lora_logits") or PunicaWrapperCPU.add_lora_logits
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return vllms(*args, **kwargs)
+
+    monkeypatch.setitem(vllm_cpu_lora._VLLM, "add_lora_logits", spy)
+    g = torch.Generator().manual_seed(4)
+    w = _wrapper([0, 0, 0])
+    x, logits = torch.randn(3, 16, generator=g), torch.randn(3, 100, generator=g)
+    a, b = torch.randn(3, 1, 4, 16, generator=g), torch.zeros(3, 1, 100, 4)
+    got = logits.clone()
+    vllm_cpu_lora.add_lora_logits(w, got, x, a, b, 1.0)
+    assert calls == [] and torch.equal(got, logits)
+    b[0].copy_(torch.randn(1, 100, 4, generator=g))  # an adapter with LM-head weights
+    vllm_cpu_lora.add_lora_logits(w, got, x, a, b, 1.0)
+    assert calls == [1]
+    torch.testing.assert_close(got, logits + x @ a[0, 0].T @ b[0, 0].T, rtol=1e-4, atol=1e-4)

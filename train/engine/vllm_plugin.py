@@ -11,7 +11,7 @@ import multiprocessing
 import signal
 import sys
 
-from train.engine import vllm_cpu_lora, vllm_cpu_norm, vllm_cpu_sampler
+from train.engine import vllm_cpu_logits, vllm_cpu_lora, vllm_cpu_norm, vllm_cpu_sampler
 
 _PR_SET_PDEATHSIG = 1
 
@@ -31,5 +31,6 @@ def _die_with_parent() -> None:
 def register() -> None:
     _die_with_parent()
     vllm_cpu_lora.install()
+    vllm_cpu_logits.install()
     vllm_cpu_norm.install()
     vllm_cpu_sampler.install()
