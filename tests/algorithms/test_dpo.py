@@ -190,6 +190,13 @@ def test_dpo_config_precomputes_the_reference_and_autocasts_where_the_cpu_has_bf
     monkeypatch.setattr(trl_config, "bf16_supported", lambda device: True)
     config = dpo_config(str(tmp_path), beta=0.5, nll_alpha=1.0, trainer_overrides={})
     assert config.precompute_ref_log_probs and config.bf16 and config.use_cpu
+    assert config.model_init_kwargs["attn_implementation"] == trl_config.CPU_ATTENTION  # float32 attention
+    assert config.model_init_kwargs["dtype"] == "float32", "autocast: the weights stay float32"
+    mine = {"model_init_kwargs": {"attn_implementation": "eager"}}  # the recipe's key wins, the others stay
+    assert dpo_config(str(tmp_path), beta=0.5, nll_alpha=1.0, trainer_overrides=mine).model_init_kwargs == {
+        **config.model_init_kwargs,
+        "attn_implementation": "eager",
+    }
     assert not dpo_config(str(tmp_path), beta=0.5, nll_alpha=1.0, trainer_overrides={"bf16": False}).bf16
     with monkeypatch.context() as m:  # several ranks: TRL's precompute hands results over through a per-process cache
         m.setattr(dist, "world_size", lambda: 2)
@@ -199,6 +206,44 @@ def test_dpo_config_precomputes_the_reference_and_autocasts_where_the_cpu_has_bf
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     monkeypatch.setattr(trl_config, "bf16_supported", lambda device: False)
     assert not dpo_config(str(tmp_path), beta=0.5, nll_alpha=1.0, trainer_overrides={}).bf16
+
+
+def test_cpu_autocast_attention_runs_in_float32(tiny_model_dir, monkeypatch):
+    # CPU autocast would run SDPA in bf16, whose flash-attention backward is ~3x slower on CPU; ours takes the same
+    # bf16 inputs in float32 and returns the query's dtype, and the model trains through it.
+    from train.trainers import trl_config
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):  # the dtype SDPA's kernel gets: CPU autocast casts its inputs to bf16
+        seen.append(torch.bfloat16 if torch.is_autocast_enabled("cpu") else q.dtype)
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 16, generator=g).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    mask = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = trl_config.sdpa_float32(module, q, k, v, mask, scaling=0.25)
+    want = sdpa(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.25).transpose(1, 2).to(torch.bfloat16)
+    assert seen == [torch.float32] and out.dtype == torch.bfloat16
+    assert torch.equal(out, want)
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
+
+    name = trl_config.register_cpu_attention()
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    logits = {}
+    for impl in ("sdpa", name):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=impl)
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits[impl] = model(ids).logits.float()
+        assert set(seen) == {torch.bfloat16 if impl == "sdpa" else torch.float32}
+    torch.testing.assert_close(logits[name], logits["sdpa"], rtol=0.05, atol=0.05)  # the same model, bf16 noise
 
 
 @pytest.fixture(scope="module")

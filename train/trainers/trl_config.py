@@ -35,8 +35,9 @@ def shared_defaults() -> dict[str, Any]:
 
 def cpu_bf16_autocast() -> dict[str, Any]:
     """`bf16=True` (autocast; the weights stay float32) for a CPU trainer where the CPU has native bf16 matmuls and
-    the launch is one process or DDP. Measured on the 2-core box: a 10-step DPO train phase 160 s -> 132 s
-    (docs/results.md, issue 15). DeepSpeed and FSDP on CPU keep float32: their mixed precision is a GPU path."""
+    the launch is one process or DDP, with attention in float32 (`CPU_ATTENTION`). Measured on the 2-core box: a
+    10-step DPO train phase 160 s -> 132 s (docs/results.md, issue 15). DeepSpeed and FSDP on CPU keep float32: their
+    mixed precision is a GPU path."""
     import os
 
     if torch.cuda.is_available() or not bf16_supported("cpu"):
@@ -44,7 +45,47 @@ def cpu_bf16_autocast() -> dict[str, Any]:
     sharded = any(
         os.environ.get(v, "false").lower() in ("1", "true") for v in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")
     )
-    return {} if sharded else {"bf16": True}
+    return {} if sharded else {"bf16": True, "model_init_kwargs": {"attn_implementation": register_cpu_attention()}}
+
+
+# The attention of CPU trainers under bf16 autocast (`cpu_bf16_autocast`), registered with transformers.
+CPU_ATTENTION = "selfreward_sdpa_float32"
+
+
+def sdpa_float32(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """transformers' SDPA attention with query, key and value in float32, outside autocast; the output back in the
+    query's dtype. CPU autocast runs SDPA in bf16, and torch's bf16 flash-attention backward on CPU is slow: forward +
+    backward at the demo's shape ([16, 9, 81, 64], 2 cores) took 23.8 ms in bf16 against 8.7 ms in float32, and
+    attention was 21% of a DPO train step (docs/results.md, "Float32 attention in CPU training"). The inputs are the
+    same bf16 values (the projections still run in bf16) and the bf16 kernel already accumulates in float32; what
+    changes is rounding inside the kernel (its products take float32 operands instead of bf16 ones)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    dtype = query.dtype
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False):
+        out, weights = sdpa_attention_forward(
+            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+        )
+    return out.to(dtype), weights
+
+
+def register_cpu_attention() -> str:
+    """Register `sdpa_float32` (and SDPA's mask builder for it) with transformers; its `attn_implementation` name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(CPU_ATTENTION, sdpa_float32)
+    AttentionMaskInterface.register(CPU_ATTENTION, sdpa_mask)
+    return CPU_ATTENTION
 
 
 def score_labelled_positions_on_cpu() -> None:
@@ -76,7 +117,9 @@ def build_trl_config(
     builds its config here, so this is also where `score_labelled_positions_on_cpu` is switched on."""
     score_labelled_positions_on_cpu()
     config = cls(**(shared_defaults() | defaults | overrides | owned))
-    config.model_init_kwargs = trainer_model_kwargs(model_dtype) | (config.model_init_kwargs or {})
+    # per key: the trainer's defaults (e.g. the CPU attention) stay unless `trainer.model_init_kwargs` names the key
+    inits = (trainer_model_kwargs(model_dtype), defaults.get("model_init_kwargs"), config.model_init_kwargs)
+    config.model_init_kwargs = {k: v for init in inits for k, v in (init or {}).items()}
     return config
 
 
