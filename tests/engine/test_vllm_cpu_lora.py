@@ -232,3 +232,19 @@ def test_lm_head_without_adapter_weights_gets_no_product(monkeypatch):
     vllm_cpu_lora.add_lora_logits(w, got, x, a, b, 1.0)
     assert calls == [1]
     torch.testing.assert_close(got, logits + x @ a[0, 0].T @ b[0, 0].T, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_weights_made_in_inference_mode_are_rebuilt_every_call():
+    # tensors made under torch.inference_mode keep no version counter: nothing is cached, a rewrite is still seen
+    g = torch.Generator().manual_seed(5)
+    w = _wrapper([0, 0])
+    with torch.inference_mode():
+        x, y = torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)
+        a, b = (torch.randn(1, 1, 2, 8, generator=g),), (torch.randn(1, 1, 8, 2, generator=g),)
+        got = y.clone()
+        vllm_cpu_lora.add_lora_linear(w, got, x, a, b, 1.0, (8,))
+        torch.testing.assert_close(got, y + x @ a[0][0, 0].T @ b[0][0, 0].T)
+        b[0].mul_(2)
+        again = y.clone()
+        vllm_cpu_lora.add_lora_linear(w, again, x, a, b, 1.0, (8,))
+        torch.testing.assert_close(again, y + x @ a[0][0, 0].T @ b[0][0, 0].T)

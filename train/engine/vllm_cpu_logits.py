@@ -64,8 +64,11 @@ def _handler(lm_head: torch.nn.Module) -> Any:
 
 
 def _plain(processor: torch.nn.Module, lm_head: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    from vllm import _custom_ops as ops
-    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+    try:
+        from vllm import _custom_ops as ops
+        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+    except ImportError:  # another vLLM layout: its own path
+        return False
 
     weight = getattr(lm_head, "weight", None)
     return (

@@ -80,10 +80,13 @@ def _slot_weights(
     new adapter in the slot bumps their version counters)."""
     tensors = (*a_stacked, *b_stacked)
     key = (id(a_stacked[0]), a_stacked[0].data_ptr(), slot, dtype)
-    version = tuple(t._version for t in tensors)
+    try:
+        version = tuple(t._version for t in tensors)
+    except RuntimeError:  # inference-mode tensors keep no version counter: build the weights every call
+        version = None
     cache = self.__dict__.setdefault("selfreward_slot_cache", {})
     hit = cache.get(key)
-    if hit is not None and hit[0] == version:
+    if version is not None and hit is not None and hit[0] == version:
         return hit[1]
     bs = [w[slot].reshape(-1, w.shape[-1]) for w in b_stacked]
     weights = None
