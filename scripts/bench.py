@@ -174,6 +174,7 @@ def bench_engines(tmp: Path, res: dict[str, Any]) -> None:
 
     vllm = VLLMSampler(model_path, cfg, lora_rank=16, seed=0)
     res["vllm_engine_start_s"] = round(vllm.engine_start_s, 2)
+    res["lora_sync"] = vllm.lora_sync  # how the swap below reaches the engine (sampling.lora_sync, as the demo)
     prompt_ids = render_prompts(vllm.tokenizer, [conversation(it, data) for it in items])
     vllm.generate_ids(prompt_ids[:4], warm)
     res["vllm"] = _throughput(vllm, prompt_ids, params, REPEATS)
@@ -257,7 +258,8 @@ def bench_engines(tmp: Path, res: dict[str, Any]) -> None:
 
 
 def lora_child(result_json: str) -> int:
-    """Inside a child started with SELFREWARD_CPU_LORA_FASTPATH=0: tokens/s with an adapter live."""
+    """Inside a child (sampling.lora_sync: adapter; SELFREWARD_CPU_LORA_FASTPATH set by the parent): tokens/s with
+    an adapter live through vLLM's LoRA."""
     from train.config import DataConfig, SamplingConfig
     from train.data import arithmetic_splits, conversation
     from train.engine import GenParams, VLLMSampler, render_prompts
@@ -266,7 +268,8 @@ def lora_child(result_json: str) -> int:
     model_path = resolve_model(MODEL)
     data = DataConfig(instruction="Answer with just the number.")
     items = arithmetic_splits(data, seed=0)[0][:NUM_PROMPTS]
-    vllm = VLLMSampler(model_path, SamplingConfig(kv_cache_gib=KV_GIB, max_model_len=512, batch_size=64), 16, seed=0)
+    cfg = SamplingConfig(kv_cache_gib=KV_GIB, max_model_len=512, batch_size=64, lora_sync="adapter")
+    vllm = VLLMSampler(model_path, cfg, 16, seed=0)
     prompt_ids = render_prompts(vllm.tokenizer, [conversation(it, data) for it in items])
     with tempfile.TemporaryDirectory(prefix="selfreward-bench-") as tmp:
         _make_adapter(load_causal_lm(model_path), Path(tmp) / "a", seed=0)
@@ -278,9 +281,9 @@ def lora_child(result_json: str) -> int:
     return 0
 
 
-def bench_lora_without_fastpath(out_root: Path, stamp: str) -> float:
-    result_json = out_root / f"{stamp}-lora-child.json"
-    env = os.environ | {"PYTHONPATH": str(ROOT), "SELFREWARD_CPU_LORA_FASTPATH": "0"}
+def bench_lora_adapter(out_root: Path, stamp: str, fastpath: bool) -> float:
+    result_json = out_root / f"{stamp}-lora-child-{'fastpath' if fastpath else 'vllm-ops'}.json"
+    env = os.environ | {"PYTHONPATH": str(ROOT), "SELFREWARD_CPU_LORA_FASTPATH": "1" if fastpath else "0"}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--lora-child", str(result_json)]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if res.returncode != 0:
@@ -289,21 +292,26 @@ def bench_lora_without_fastpath(out_root: Path, stamp: str) -> float:
 
 
 def bench_rest(out_root: Path, stamp: str, results: dict[str, Any]) -> None:
-    """Throughput, hot-swap and full reload in this process, then the LoRA A/B child."""
+    """Throughput, hot-swap and full reload in this process, then the LoRA-as-adapter children."""
     try:
         with tempfile.TemporaryDirectory(prefix="selfreward-bench-") as tmp:
             bench_engines(Path(tmp), results)
     except Exception as e:
         results["errors"]["engines"] = f"{type(e).__name__}: {e}"
-    try:
-        results["vllm_lora_tokens_per_s_vllm_ops"] = bench_lora_without_fastpath(out_root, stamp)
-        if results.get("vllm_lora_tokens_per_s"):
-            results["cpu_lora_fastpath_speedup"] = round(
-                results["vllm_lora_tokens_per_s"] / results["vllm_lora_tokens_per_s_vllm_ops"], 2
-            )
+    try:  # vLLM's LoRA (sampling.lora_sync: adapter), with our CPU LoRA ops and with vLLM's own
+        results["vllm_adapter_tokens_per_s"] = bench_lora_adapter(out_root, stamp, fastpath=True)
+        _log(f"vLLM with LoRA as an adapter: {results['vllm_adapter_tokens_per_s']} tokens/s")
+        results["vllm_lora_tokens_per_s_vllm_ops"] = bench_lora_adapter(out_root, stamp, fastpath=False)
+        results["cpu_lora_fastpath_speedup"] = round(
+            results["vllm_adapter_tokens_per_s"] / results["vllm_lora_tokens_per_s_vllm_ops"], 2
+        )
         _log(f"vLLM with LoRA, vLLM's own CPU ops: {results['vllm_lora_tokens_per_s_vllm_ops']} tokens/s")
+        if results.get("vllm_lora_tokens_per_s") and results.get("lora_sync") == "merge":
+            results["merge_over_adapter"] = round(
+                results["vllm_lora_tokens_per_s"] / results["vllm_adapter_tokens_per_s"], 2
+            )
     except Exception as e:
-        results["errors"]["lora_vllm_ops"] = f"{type(e).__name__}: {e}"
+        results["errors"]["lora_adapter"] = f"{type(e).__name__}: {e}"
     try:  # CPU top-p per decode step: vLLM's sort, one topk(1024), the tiers (scripts/bench_top_p.py)
         from bench_top_p import measure
 

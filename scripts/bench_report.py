@@ -25,11 +25,16 @@ def method_texts(num_prompts: int, num_samples: int, max_tokens: int, temperatur
         "no adapter; HFSampler batch 64, torch's default threads); tokens = sum of len(Sample.token_ids); one warm-up "
         f"call, then {repeats} timed run(s) per engine (best kept). hf_matched_threads: HFSampler with torch threads "
         "set to the vLLM worker's OMP threads. *_lora_tokens_per_s: with a random r=16 all-linear adapter live (HF: "
-        "PEFT unmerged, with the matched thread count). vllm_lora_tokens_per_s_vllm_ops: the same in a child process "
-        "with SELFREWARD_CPU_LORA_FASTPATH=0 (vLLM's own CPU LoRA ops instead of train/engine/vllm_cpu_lora.py). "
+        "PEFT unmerged, with the matched thread count); vLLM samples it as `lora_sync` says (the demo's setting: "
+        "merged into the weights on CPU). vllm_adapter_tokens_per_s: the same adapter through vLLM's LoRA "
+        "(sampling.lora_sync: adapter) in a child process, with train/engine/vllm_cpu_lora.py; "
+        "vllm_lora_tokens_per_s_vllm_ops: the same child with SELFREWARD_CPU_LORA_FASTPATH=0 (vLLM's own CPU LoRA "
+        "ops); cpu_lora_fastpath_speedup = their ratio; merge_over_adapter = vllm_lora_tokens_per_s / "
+        "vllm_adapter_tokens_per_s (one run of each, different processes). "
         "vLLM KV cache: VLLM_CPU_KVCACHE_SPACE GiB per engine.",
         "adapter_swap_s": "median of 3: a fresh random r=16 all-linear PEFT adapter saved as safetensors, then "
-        "VLLMSampler.set_adapter(path) + a 1-token greedy generate (vLLM loads the adapter on that request)",
+        "VLLMSampler.set_adapter(path) + a 1-token greedy generate (`lora_sync` adapter: vLLM loads the adapter on "
+        "that request; merge: the adapter is merged into the engine's weights in place before it)",
         "full_reload_s": "once: from the adapter loaded in a PeftModel in memory, merge_and_unload, save_pretrained "
         "(safetensors) + tokenizer, new vllm.LLM on the merged dir (no LoRA), 1-token generate. Without LoRA vLLM-CPU "
         "torch.compiles the model, so a first run includes the compile and later runs load it from vLLM's cache.",
@@ -51,7 +56,7 @@ def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def print_table(results: dict[str, Any], roofline_only: bool = False) -> None:
     rows = [] if roofline_only else [(k, results.get(k)) for k in ("vllm_tokens_per_s", "hf_tokens_per_s", "vllm_speedup_matched_threads",
-            "vllm_lora_tokens_per_s", "vllm_lora_tokens_per_s_vllm_ops", "cpu_lora_fastpath_speedup", "hf_lora_tokens_per_s", "vllm_engine_start_s", "adapter_swap_s", "full_reload_s",
+            "vllm_lora_tokens_per_s", "vllm_adapter_tokens_per_s", "merge_over_adapter", "vllm_lora_tokens_per_s_vllm_ops", "cpu_lora_fastpath_speedup", "hf_lora_tokens_per_s", "vllm_engine_start_s", "adapter_swap_s", "full_reload_s",
             "full_reload_merge_save_s")]  # fmt: skip
     ov = results.get("overhead") or {}
     rows += [

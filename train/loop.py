@@ -38,7 +38,7 @@ log = logging.getLogger("selfreward")
 # Recipe keys that change what the model is shown, how the engine samples, and how a trainer trains: the inputs
 # shared by many phases (train/runtime/fingerprints.py). Engine sizing keys (batch size, KV cache) change no result.
 PROMPT_KEYS = ("data.instruction", "data.system_prompt", "data.answer_type", "sampling.max_model_len")
-ENGINE_KEYS = ("sampling.engine", "sampling.dtype", "seed", "trust_remote_code")
+ENGINE_KEYS = ("sampling.engine", "sampling.dtype", "sampling.lora_sync", "seed", "trust_remote_code")
 TRAIN_KEYS = ("trainer", "lora", "seed", "model_dtype", "trust_remote_code")
 EVAL_KEYS = ("eval.num_samples", "eval.temperature", "eval.top_p")
 

@@ -51,6 +51,11 @@ def test_status_names_exactly_the_stale_phases(finished, tiny_model_dir, capsys)
     assert sampling["generate"][1] == "sampling.temperature: 0.7 -> 0.3"
     assert sampling["pairs"][1] == "input iter_1/generate changed"
 
+    # how the engine samples with the adapter changes its numerics (bf16: merged weights vs a LoRA branch)
+    sync = _states(capsys, finished, *base, "sampling.lora_sync=adapter")
+    assert [p for p in PHASES if sync[p][0] == "stale"] == PHASES
+    assert sync["generate"][1] == 'sampling.lora_sync: "auto" -> "adapter"'
+
     threshold = _states(capsys, finished, *base, "scpo.vote_threshold=[0.5]")
     assert [p for p in PHASES if threshold[p][0] == "stale"] == ["pairs", "train"], threshold
     assert threshold["pairs"][1] == "vote_threshold: 0.0 -> 0.5"

@@ -13,14 +13,16 @@ from train.engine import GenParams, HFSampler, generate_together, render_prompts
 CONVS = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "Name a color."}]]
 
 
-def _random_adapter(model_dir: str, out: str, seed: int) -> str:
+def _random_adapter(
+    model_dir: str, out: str, seed: int, targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj")
+) -> str:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    cfg = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    cfg = LoraConfig(r=8, lora_alpha=64, target_modules=list(targets), init_lora_weights=False)
     peft = get_peft_model(model, cfg)
     with torch.no_grad():
         for name, p in peft.named_parameters():
@@ -56,14 +58,15 @@ def test_hf_engine_shapes_and_adapter_swap(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_vllm_engine_hot_swaps_adapters(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("lora_sync", ["merge", "adapter"])
+def test_vllm_engine_hot_swaps_adapters(tiny_model_dir, tmp_path, lora_sync):
     require("vllm")
     import psutil
 
     from train.engine import VLLMSampler
 
     # float32 on both engines: the claim is that they agree token for token (bf16 is the CPU default where native)
-    cfg = SamplingConfig(max_model_len=256, kv_cache_gib=0.25, dtype="float32")
+    cfg = SamplingConfig(max_model_len=256, kv_cache_gib=0.25, dtype="float32", lora_sync=lora_sync)
     before = {c.pid for c in psutil.Process().children(recursive=True)}
     s = VLLMSampler(tiny_model_dir, cfg, lora_rank=8, seed=0)
     # on CPU the engine runs in this process (no engine-core or worker process to spawn, import and pin to a core)
@@ -102,11 +105,27 @@ def test_vllm_engine_hot_swaps_adapters(tiny_model_dir, tmp_path):
     assert with_a1 != base and with_a2 != with_a1, "each new adapter is live on the next call"
     s.set_adapter(None)
     assert [o[0].token_ids for o in s.generate(CONVS, greedy)] == base
+    assert s.lora_sync == lora_sync and len(s.merge_s) == (3 if lora_sync == "merge" else 0)
+    # the same path rewritten with a2's weights (a resumed iteration retrains in place) is sampled anew
+    s.set_adapter(a1)
+    assert [o[0].token_ids for o in s.generate(CONVS, greedy)] == with_a1
+    _random_adapter(tiny_model_dir, a1, 2)
+    s.set_adapter(a1)
+    assert [o[0].token_ids for o in s.generate(CONVS, greedy)] == with_a2
+    _random_adapter(tiny_model_dir, a1, 1)
+    # an adapter of other modules after a1 (merge: a1's modules go back to the checkpoint's weights)
+    a3 = _random_adapter(tiny_model_dir, str(tmp_path / "a3"), 3, targets=("o_proj", "up_proj"))
+    s.set_adapter(a1)
+    s.generate(CONVS, greedy)
+    s.set_adapter(a3)
+    with_a3 = [o[0].token_ids for o in s.generate(CONVS, greedy)]
 
     # the HF engine agrees with vLLM on greedy tokens for the same adapter (same prompts, same ids)
     hf = HFSampler(tiny_model_dir, SamplingConfig(engine="hf"), seed=0)
     hf.set_adapter(a1)
     assert [o[0].token_ids for o in hf.generate(CONVS, greedy)] == with_a1
+    hf.set_adapter(a3)
+    assert [o[0].token_ids for o in hf.generate(CONVS, greedy)] == with_a3
 
 
 def test_engine_process_dying_during_startup_is_an_error_not_a_hang():

@@ -102,3 +102,18 @@ def test_install_routes_vllms_head_through_ours_unless_turned_off(monkeypatch):
     monkeypatch.delenv("SELFREWARD_CPU_LOGITS_FASTPATH")
     vllm_cpu_logits.install()
     assert LogitsProcessor._apply_head is vllm_cpu_logits.apply_head
+
+
+def test_new_weights_in_place_reach_the_logits_after_forget_weights():
+    """lora_sync: merge reloads the weights into the same tensors; the packed handle must not outlive them."""
+    processor, head = _head()
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    before = vllm_cpu_logits.apply_head(processor, head, x, None).clone()
+    with torch.no_grad():
+        head.weight.data.mul_(2)  # what vLLM's reload does: values copied into the kept storage
+    assert torch.equal(vllm_cpu_logits.apply_head(processor, head, x, None), before), "the packed copy is stale"
+    model = torch.nn.Sequential(head)
+    vllm_cpu_logits.forget_weights(model)
+    after = vllm_cpu_logits.apply_head(processor, head, x, None)
+    assert torch.equal(after, (x.float() @ head.weight.float().t()).bfloat16().float())
+    assert not torch.equal(after, before)

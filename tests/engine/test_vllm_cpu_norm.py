@@ -55,6 +55,6 @@ def test_cpu_engine_arguments(ir_ops):
     from train.engine.vllm_cpu_norm import PROVIDER
 
     kw = cpu_engine_kwargs(SamplingConfig())
-    assert kw["block_size"] == 32 and kw["compilation_config"] == {"custom_ops": ["all"]}
+    assert kw["block_size"] == 32 and kw["compilation_config"] == {"mode": 0, "custom_ops": ["all"]}
     assert kw["kernel_config"] == {"ir_op_priority": {"rms_norm": [PROVIDER], "fused_add_rms_norm": [PROVIDER]}}
     assert cpu_engine_kwargs(SamplingConfig(block_size=128))["block_size"] == 128

@@ -22,6 +22,7 @@ from train.engine.base import (
     render_prompts,
     skip_overlong,
 )
+from train.engine.lora_merge import adapter_key, adapter_modules
 from train.runtime import distributed as dist
 from train.runtime.progress import LogBar, progress_enabled
 
@@ -114,16 +115,17 @@ def cpu_engine_kwargs(cfg: SamplingConfig) -> dict[str, Any]:
     - `block_size` (default 32 here, vLLM-CPU's is 128): prefix caching shares only full KV blocks, so with 128 a
       45-token prompt sampled n = 8 times is prefilled 8 times (41.7k prompt tokens computed for the demo's 96
       prompts, against 12.9k with 32 tokens; 32 is the smallest size vLLM-CPU's attention takes).
-    - `custom_ops: ["all"]`: with LoRA enabled vLLM-CPU turns torch.compile off, but only after choosing "none"
-      (leave every op to the compiler); eager, that leaves rotary embeddings in six PyTorch ops instead of vLLM's
-      C++ kernel.
+    - `custom_ops: ["all"]`: eager (vLLM-CPU's own choice with LoRA on; we also keep it without), vLLM-CPU would
+      still leave every op to the compiler: rotary embeddings in six PyTorch ops instead of vLLM's C++ kernel.
     - `ir_op_priority`: RMSNorm by vLLM's C++ CPU kernel (train/engine/vllm_cpu_norm.py)."""
     from train.engine import vllm_cpu_norm
 
     vllm_cpu_norm.install()  # vLLM loads our plugin only inside LLM(); the provider must exist before the config
     kwargs: dict[str, Any] = {
         "block_size": cfg.block_size or 32,
-        "compilation_config": {"custom_ops": ["all"]},
+        # mode 0 (CompilationMode.NONE): eager, as vLLM-CPU runs with LoRA. Without LoRA (lora_sync: merge) it would
+        # compile with inductor: 95 s to a ready engine on the 2-core box, for no faster sampling (docs/results.md).
+        "compilation_config": {"mode": 0, "custom_ops": ["all"]},
     }
     if priority := vllm_cpu_norm.ir_op_priority():
         kwargs["kernel_config"] = {"ir_op_priority": priority}
@@ -140,8 +142,40 @@ def engine_dtype(dtype: str, on_gpu: bool) -> str:
     return "bfloat16" if bf16_supported("cpu") else "float32"
 
 
+def lora_sync_mode(lora_sync: str, on_gpu: bool) -> str:
+    """`sampling.lora_sync` resolved: `auto` is `merge` on CPU, `adapter` on GPU (vLLM's LoRA kernels there)."""
+    if lora_sync != "auto":
+        return lora_sync
+    return "adapter" if on_gpu else "merge"
+
+
+def _reload_merged(worker: Any, model_path: str, adapter_path: str | None, modules: frozenset[str] | None) -> None:
+    """Runs inside each vLLM worker (`collective_rpc`): the checkpoint merged with the adapter, read there, so a
+    worker in another process never receives tensors through the RPC. `modules`: reload only these (with what
+    the engine packs beside them); the other layers keep their weights (vLLM's reload puts back a layer it got
+    nothing for). None: every weight."""
+    from train.engine import vllm_cpu_logits
+    from train.engine.lora_merge import merged_weights, with_packed_siblings
+
+    model = worker.model_runner.get_model()
+    only = None if modules is None else with_packed_siblings(modules, getattr(model, "packed_modules_mapping", {}))
+    weights = merged_weights(model_path, adapter_path, dtype=worker.model_config.dtype, only=only)
+    # Layers with nothing to load (rotary caches, an LM head tied to the embedding, layers outside `modules`) keep
+    # their tensors, and vLLM warns about each at every reload.
+    quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        worker.model_runner.reload_weights(weights_iterator=weights)
+    finally:
+        quiet.setLevel(level)
+    vllm_cpu_logits.forget_weights(model)
+
+
 class VLLMSampler:
-    """vLLM engine with LoRA enabled; each new adapter is a new `LoRARequest` (no reload, no merge)."""
+    """vLLM engine sampling with the current LoRA adapter (`sampling.lora_sync`): `adapter` makes each new adapter
+    a new `LoRARequest` (no reload, no merge); `merge` merges it into the engine's weights in place before the next
+    generate call (and restores the checkpoint's for `set_adapter(None)`)."""
 
     def __init__(
         self, model_path: str, cfg: SamplingConfig, lora_rank: int, seed: int, trust_remote_code: bool = False
@@ -156,8 +190,12 @@ class VLLMSampler:
         self.max_model_len = cfg.max_model_len
         self.batch_size = cfg.batch_size  # without a terminal, calls of more prompts than this log their progress
         self._on_gpu = torch.cuda.is_available()
-        rank = next(r for r in VLLM_LORA_RANKS if r >= lora_rank)
+        self.model_path = model_path
+        self.lora_sync = lora_sync_mode(cfg.lora_sync, self._on_gpu)
         kwargs: dict[str, Any] = {}
+        if self.lora_sync == "adapter":
+            rank = next(r for r in VLLM_LORA_RANKS if r >= lora_rank)
+            kwargs |= {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1}
         if cfg.kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
         if self._on_gpu and cfg.sleep_during_training:
@@ -179,10 +217,7 @@ class VLLMSampler:
             self.llm = LLM(
                 model=model_path,
                 tokenizer=model_path,
-                enable_lora=True,
                 load_format="safetensors",  # never unpickle weights (the default falls back to .bin)
-                max_lora_rank=rank,
-                max_loras=1,
                 seed=seed + dist.rank(),  # different streams per data-parallel shard
                 dtype=engine_dtype(cfg.dtype, self._on_gpu),
                 max_model_len=cfg.max_model_len,
@@ -195,7 +230,12 @@ class VLLMSampler:
             )
         self._lora = None
         self._next_id = 1
+        self._adapter: str | None = None  # merge: the adapter the next call samples with, and the one merged in
+        self._merged_key: tuple[str, int, int, int, int] | None = None
+        self._merged_modules: frozenset[str] | None = frozenset()  # None: unknown (a reload failed), reload all
         self._asleep = False
+        # Timings for benchmarks (scripts/bench.py): seconds spent merging adapters into the weights.
+        self.merge_s: list[float] = []
         # Timings for benchmarks (scripts/bench.py): engine construction, and seconds inside the engine's generate.
         self.engine_start_s, self.generate_s = time.perf_counter() - start, 0.0
         if dist.world_size() > 1 and dist.is_main():
@@ -208,6 +248,10 @@ class VLLMSampler:
     def set_adapter(self, path: str | None) -> None:
         from vllm.lora.request import LoRARequest
 
+        if self.lora_sync == "merge":
+            self._adapter = None if path is None else str(path)
+            adapter_key(self._adapter)  # a missing adapter fails here, not at the next generate call
+            return
         if path is None:
             self._lora = None
             return
@@ -236,6 +280,7 @@ class VLLMSampler:
         from vllm.inputs import TokensPrompt
 
         self.wake()
+        self._merge_current_adapter()
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
         distinct = {id(p): p for p in params}  # one SamplingParams per GenParams object, shared by its prompts
         sampling = {
@@ -263,6 +308,25 @@ class VLLMSampler:
             ]
             for out in outs
         ]
+
+    def _merge_current_adapter(self) -> None:
+        """merge: reload the engine's weights when the adapter to sample with is not the one merged in (another
+        path, or the same path rewritten: `adapter_key`), then drop the prefix cache, whose KV blocks the old
+        weights computed (prefix-cache keys do not name weights, unlike a LoRARequest's id)."""
+        if self.lora_sync != "merge":
+            return
+        key = adapter_key(self._adapter)
+        if key == self._merged_key:
+            return
+        t0 = time.perf_counter()
+        new = adapter_modules(self._adapter)
+        # Only the modules the new adapter adapts, and those the old one did (back to the checkpoint's weights).
+        modules = None if self._merged_modules is None else new | self._merged_modules
+        self._merged_key, self._merged_modules = None, None  # a reload that fails halfway matches no adapter
+        self.llm.collective_rpc(_reload_merged, args=(self.model_path, self._adapter, modules))
+        self.llm.reset_prefix_cache()
+        self._merged_key, self._merged_modules = key, new
+        self.merge_s.append(time.perf_counter() - t0)
 
     def close(self, release_memory: bool = True) -> None:
         """Stop the engine now. At exit vLLM waits 5 s for its CPU worker before killing it; on CPU there is no

@@ -52,8 +52,17 @@ def _buffer(
     return buf[:rows]
 
 
+def forget_weights(model: torch.nn.Module) -> None:
+    """Drop the handles built from the weights: the next step builds them from the weights now in place. Called
+    after the engine's weights are reloaded (`lora_sync: merge`): oneDNN packs a copy of the weight, so a handle
+    from before would keep projecting with the old LM head."""
+    for module in model.modules():
+        module.__dict__.pop("selfreward_onednn", None)
+
+
 def _handler(lm_head: torch.nn.Module) -> Any:
-    """A oneDNN matmul handle on the LM head's weight, built once (vLLM keeps the weight for the embedding)."""
+    """A oneDNN matmul handle on the LM head's weight, built once per weights (vLLM keeps the weight for the
+    embedding; `forget_weights` after a reload)."""
     handler = lm_head.__dict__.get("selfreward_onednn")
     if handler is None:
         from vllm import _custom_ops as ops
