@@ -157,3 +157,34 @@ def test_engine_process_dying_during_startup_is_an_error_not_a_hang():
     assert "exited during startup" in line
     seconds, child_status = map(int, line.split()[-2:])
     assert seconds < 30 and child_status == 1, line
+
+
+def test_vllm_rounding_warnings_are_counted_and_other_warnings_pass():
+    """An engine start printed one warning per float32 tensor rounded into the bf16 engine (122 for SmolLM2)."""
+    import logging
+
+    from train.engine.vllm import rounding_warnings_counted
+
+    logger = logging.getLogger("vllm.model_executor.models.utils")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # whatever level an earlier test left vLLM's loggers at
+    logger.addHandler(handler)
+    try:
+        with rounding_warnings_counted() as rounded:
+            for name in ("a.weight", "b.weight"):
+                logger.warning(
+                    "Attempted to load weight %s with dtype %s into parameter with dtype %s", name, "f32", "bf16"
+                )
+            logger.warning("Attempted to load nested weight %r into a single parameter %r", "c", "d")
+        logger.warning("Attempted to load weight %s with dtype %s into parameter with dtype %s", "e", "f32", "bf16")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert rounded.count == 2
+    assert seen == [
+        "Attempted to load nested weight 'c' into a single parameter 'd'",
+        "Attempted to load weight e with dtype f32 into parameter with dtype bf16",  # outside: not ours to hide
+    ]

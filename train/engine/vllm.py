@@ -95,6 +95,36 @@ def _engine_death_watch(grace_s: float = 5.0):
             signal.signal(signal.SIGINT, previous)
 
 
+class _CountRounding(logging.Filter):
+    """Drops vLLM's per-tensor warning for a weight rounded to a narrower engine dtype, counting them."""
+
+    PREFIX = "Attempted to load weight %s with dtype %s into parameter with dtype %s"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == self.PREFIX and record.levelno == logging.WARNING:
+            self.count += 1
+            return False
+        return True
+
+
+@contextmanager
+def rounding_warnings_counted():
+    """vLLM warns once per tensor when it rounds a float32 checkpoint into a bf16 engine (122 lines for SmolLM2 at
+    every engine start). That rounding is what `sampling.dtype` asked for: the filter counts the lines instead, for
+    one line of ours. Any other warning of vLLM's loader passes."""
+    logger = logging.getLogger("vllm.model_executor.models.utils")
+    counter = _CountRounding()
+    logger.addFilter(counter)
+    try:
+        yield counter
+    finally:
+        logger.removeFilter(counter)
+
+
 def cpu_engine_settings() -> None:
     """Environment vLLM-CPU reads when an engine is built, set where the user has not set it.
 
@@ -161,14 +191,16 @@ def _reload_merged(worker: Any, model_path: str, adapter_path: str | None, modul
     only = None if modules is None else with_packed_siblings(modules, getattr(model, "packed_modules_mapping", {}))
     weights = merged_weights(model_path, adapter_path, dtype=worker.model_config.dtype, only=only)
     # Layers with nothing to load (rotary caches, an LM head tied to the embedding, layers outside `modules`) keep
-    # their tensors, and vLLM warns about each at every reload.
-    quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    # their tensors, and vLLM warns about each, and lists every weight it did not get, at every reload.
+    quiet = [logging.getLogger(f"vllm.model_executor.model_loader.reload.{m}") for m in ("layerwise", "inplace")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
     try:
         worker.model_runner.reload_weights(weights_iterator=weights)
     finally:
-        quiet.setLevel(level)
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
     vllm_cpu_logits.forget_weights(model)
 
 
@@ -213,7 +245,7 @@ class VLLMSampler:
             # is collective (vLLM joins the launcher's process group), so every rank must build it at the same time:
             # `Run.sampler` refuses to start it inside a rank-0-only phase.
             kwargs["distributed_executor_backend"] = "external_launcher"
-        with _engine_death_watch():
+        with _engine_death_watch(), rounding_warnings_counted() as rounded:
             self.llm = LLM(
                 model=model_path,
                 tokenizer=model_path,
@@ -236,6 +268,12 @@ class VLLMSampler:
         self._asleep = False
         # Timings for benchmarks (scripts/bench.py): seconds spent merging adapters into the weights.
         self.merge_s: list[float] = []
+        if rounded.count and dist.is_main():
+            logging.getLogger("selfreward").info(
+                "vLLM rounded %d checkpoint tensors to the engine's %s (sampling.dtype)",
+                rounded.count,
+                self.llm.llm_engine.vllm_config.model_config.dtype,
+            )
         # Timings for benchmarks (scripts/bench.py): engine construction, and seconds inside the engine's generate.
         self.engine_start_s, self.generate_s = time.perf_counter() - start, 0.0
         if dist.world_size() > 1 and dist.is_main():
