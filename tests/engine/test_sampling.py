@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -62,6 +63,7 @@ def test_hf_engine_shapes_and_adapter_swap(tiny_model_dir, tmp_path):
 def test_vllm_engine_hot_swaps_adapters(tiny_model_dir, tmp_path, lora_sync):
     require("vllm")
     import psutil
+    from safetensors.torch import load_file, save_file
 
     from train.engine import VLLMSampler
 
@@ -119,6 +121,17 @@ def test_vllm_engine_hot_swaps_adapters(tiny_model_dir, tmp_path, lora_sync):
     s.generate(CONVS, greedy)
     s.set_adapter(a3)
     with_a3 = [o[0].token_ids for o in s.generate(CONVS, greedy)]
+    if lora_sync == "merge":  # a merge that fails leaves weights of no known adapter: the next one reloads all
+        bad = _random_adapter(tiny_model_dir, str(tmp_path / "bad"), 4)
+        f = Path(bad) / "adapter_model.safetensors"
+        save_file({k.replace("layers.1.", "layers.7."): v for k, v in load_file(str(f)).items()}, str(f))
+        s.set_adapter(bad)
+        with pytest.raises(ValueError, match="missing from the checkpoint"):
+            s.generate(CONVS, greedy)
+        s.set_adapter(None)
+        assert [o[0].token_ids for o in s.generate(CONVS, greedy)] == base
+        s.set_adapter(a3)
+        assert [o[0].token_ids for o in s.generate(CONVS, greedy)] == with_a3
 
     # the HF engine agrees with vLLM on greedy tokens for the same adapter (same prompts, same ids)
     hf = HFSampler(tiny_model_dir, SamplingConfig(engine="hf"), seed=0)

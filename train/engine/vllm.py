@@ -172,6 +172,9 @@ def engine_dtype(dtype: str, on_gpu: bool) -> str:
     return "bfloat16" if bf16_supported("cpu") else "float32"
 
 
+_UNKNOWN = object()  # the engine's weights after a merge that raised: not the checkpoint's, not any adapter's
+
+
 def lora_sync_mode(lora_sync: str, on_gpu: bool) -> str:
     """`sampling.lora_sync` resolved: `auto` is `merge` on CPU, `adapter` on GPU (vLLM's LoRA kernels there)."""
     if lora_sync != "auto":
@@ -263,11 +266,10 @@ class VLLMSampler:
         self._lora = None
         self._next_id = 1
         self._adapter: str | None = None  # merge: the adapter the next call samples with, and the one merged in
-        self._merged_key: tuple[str, int, int, int, int] | None = None
-        self._merged_modules: frozenset[str] | None = frozenset()  # None: unknown (a reload failed), reload all
+        self._merged_key: Any = None  # `adapter_key` of the merged adapter; _UNKNOWN after a reload that failed
+        self._merged_modules: frozenset[str] | None = frozenset()  # None: unknown, the next merge reloads every weight
         self._asleep = False
-        # Timings for benchmarks (scripts/bench.py): seconds spent merging adapters into the weights.
-        self.merge_s: list[float] = []
+        self.merge_s: list[float] = []  # seconds of each merge (scripts/bench.py)
         if rounded.count and dist.is_main():
             logging.getLogger("selfreward").info(
                 "vLLM rounded %d checkpoint tensors to the engine's %s (sampling.dtype)",
@@ -360,7 +362,7 @@ class VLLMSampler:
         new = adapter_modules(self._adapter)
         # Only the modules the new adapter adapts, and those the old one did (back to the checkpoint's weights).
         modules = None if self._merged_modules is None else new | self._merged_modules
-        self._merged_key, self._merged_modules = None, None  # a reload that fails halfway matches no adapter
+        self._merged_key, self._merged_modules = _UNKNOWN, None  # a reload that fails halfway matches no adapter
         self.llm.collective_rpc(_reload_merged, args=(self.model_path, self._adapter, modules))
         self.llm.reset_prefix_cache()
         self._merged_key, self._merged_modules = key, new
