@@ -367,6 +367,13 @@ class VLLMSampler:
         self.llm.reset_prefix_cache()
         self._merged_key, self._merged_modules = key, new
         self.merge_s.append(time.perf_counter() - t0)
+        if dist.is_main():
+            logging.getLogger("selfreward").info(
+                "engine weights: %s (%s reloaded, %.2fs)",
+                f"merged with {self._adapter}" if self._adapter else "the checkpoint's",
+                "every weight" if modules is None else f"{len(modules)} modules",
+                self.merge_s[-1],
+            )
 
     def close(self, release_memory: bool = True) -> None:
         """Stop the engine now. At exit vLLM waits 5 s for its CPU worker before killing it; on CPU there is no
