@@ -10,6 +10,7 @@ model a merged checkpoint loaded in that dtype would be (what TRL's merge-and-pu
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -135,3 +136,27 @@ def _stream(
                 t = st.get_tensor(name)
                 t = t if name not in deltas else t.float() + deltas[name]
                 yield name, t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def reload_merged(worker: Any, model_path: str, adapter_path: str | None, modules: frozenset[str] | None) -> None:
+    """Runs inside each vLLM worker (`collective_rpc`): the checkpoint merged with the adapter, read there, so a
+    worker in another process never receives tensors through the RPC. `modules`: reload only these (with what
+    the engine packs beside them); the other layers keep their weights (vLLM's reload puts back a layer it got
+    nothing for). None: every weight."""
+    from train.engine import vllm_cpu_logits
+
+    model = worker.model_runner.get_model()
+    only = None if modules is None else with_packed_siblings(modules, getattr(model, "packed_modules_mapping", {}))
+    weights = merged_weights(model_path, adapter_path, dtype=worker.model_config.dtype, only=only)
+    # Layers with nothing to load (rotary caches, an LM head tied to the embedding, layers outside `modules`) keep
+    # their tensors, and vLLM warns about each, and lists every weight it did not get, at every reload.
+    quiet = [logging.getLogger(f"vllm.model_executor.model_loader.reload.{m}") for m in ("layerwise", "inplace")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        worker.model_runner.reload_weights(weights_iterator=weights)
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+    vllm_cpu_logits.forget_weights(model)

@@ -22,7 +22,7 @@ from train.engine.base import (
     render_prompts,
     skip_overlong,
 )
-from train.engine.lora_merge import adapter_key, adapter_modules
+from train.engine.lora_merge import adapter_key, adapter_modules, reload_merged
 from train.runtime import distributed as dist
 from train.runtime.progress import LogBar, progress_enabled
 
@@ -182,31 +182,6 @@ def lora_sync_mode(lora_sync: str, on_gpu: bool) -> str:
     return "adapter" if on_gpu else "merge"
 
 
-def _reload_merged(worker: Any, model_path: str, adapter_path: str | None, modules: frozenset[str] | None) -> None:
-    """Runs inside each vLLM worker (`collective_rpc`): the checkpoint merged with the adapter, read there, so a
-    worker in another process never receives tensors through the RPC. `modules`: reload only these (with what
-    the engine packs beside them); the other layers keep their weights (vLLM's reload puts back a layer it got
-    nothing for). None: every weight."""
-    from train.engine import vllm_cpu_logits
-    from train.engine.lora_merge import merged_weights, with_packed_siblings
-
-    model = worker.model_runner.get_model()
-    only = None if modules is None else with_packed_siblings(modules, getattr(model, "packed_modules_mapping", {}))
-    weights = merged_weights(model_path, adapter_path, dtype=worker.model_config.dtype, only=only)
-    # Layers with nothing to load (rotary caches, an LM head tied to the embedding, layers outside `modules`) keep
-    # their tensors, and vLLM warns about each, and lists every weight it did not get, at every reload.
-    quiet = [logging.getLogger(f"vllm.model_executor.model_loader.reload.{m}") for m in ("layerwise", "inplace")]
-    levels = [q.level for q in quiet]
-    for q in quiet:
-        q.setLevel(logging.ERROR)
-    try:
-        worker.model_runner.reload_weights(weights_iterator=weights)
-    finally:
-        for q, level in zip(quiet, levels):
-            q.setLevel(level)
-    vllm_cpu_logits.forget_weights(model)
-
-
 class VLLMSampler:
     """vLLM engine sampling with the current LoRA adapter (`sampling.lora_sync`): `adapter` makes each new adapter
     a new `LoRARequest` (no reload, no merge); `merge` merges it into the engine's weights in place before the next
@@ -363,7 +338,7 @@ class VLLMSampler:
         # Only the modules the new adapter adapts, and those the old one did (back to the checkpoint's weights).
         modules = None if self._merged_modules is None else new | self._merged_modules
         self._merged_key, self._merged_modules = _UNKNOWN, None  # a reload that fails halfway matches no adapter
-        self.llm.collective_rpc(_reload_merged, args=(self.model_path, self._adapter, modules))
+        self.llm.collective_rpc(reload_merged, args=(self.model_path, self._adapter, modules))
         self.llm.reset_prefix_cache()
         self._merged_key, self._merged_modules = key, new
         self.merge_s.append(time.perf_counter() - t0)
