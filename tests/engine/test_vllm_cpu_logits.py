@@ -34,6 +34,23 @@ def _head(vocab: int = 1000, hidden: int = 64, dtype: torch.dtype = torch.bfloat
         return LogitsProcessor(vocab, **processor_kwargs), head
 
 
+def _onednn_bf16_matmul() -> bool:
+    """Whether oneDNN builds a bf16 matmul on this CPU (AVX-512 BF16 or AMX; an AVX2-only CPU has none)."""
+    require("vllm")
+    from vllm import _custom_ops as ops
+
+    try:
+        ops.create_onednn_mm(torch.zeros(64, 32, dtype=torch.bfloat16).t(), 32)
+    except RuntimeError:
+        return False
+    return True
+
+
+# Hardware, not an installed component: CI boxes differ in CPU (AMX-capable Xeons and AVX2-only EPYCs both seen).
+needs_bf16_matmul = pytest.mark.skipif("not _onednn_bf16_matmul()", reason="no oneDNN bf16 matmul on this CPU")
+
+
+@needs_bf16_matmul
 def test_logits_equal_vllms_in_float32_and_reuse_one_buffer():
     processor, head = _head()
     vllm_apply = _vllm_apply_head()
@@ -50,6 +67,7 @@ def test_logits_equal_vllms_in_float32_and_reuse_one_buffer():
     assert len(pointers) == 1, "one kept buffer across steps"
 
 
+@needs_bf16_matmul
 def test_logits_still_held_are_never_overwritten():
     processor, head = _head()
     g = torch.Generator().manual_seed(2)
@@ -104,6 +122,7 @@ def test_install_routes_vllms_head_through_ours_unless_turned_off(monkeypatch):
     assert LogitsProcessor._apply_head is vllm_cpu_logits.apply_head
 
 
+@needs_bf16_matmul
 def test_new_weights_in_place_reach_the_logits_after_forget_weights():
     """lora_sync: merge reloads the weights into the same tensors; the packed handle must not outlive them."""
     processor, head = _head()
@@ -117,3 +136,27 @@ def test_new_weights_in_place_reach_the_logits_after_forget_weights():
     after = vllm_cpu_logits.apply_head(processor, head, x, None)
     assert torch.equal(after, (x.float() @ head.weight.float().t()).bfloat16().float())
     assert not torch.equal(after, before)
+
+
+@pytest.mark.parametrize("cpu", ["this", "emulated-avx2"])
+def test_a_cpu_without_a_bf16_matmul_keeps_vllms_path(cpu, monkeypatch):
+    """On an AVX2-only CPU oneDNN refuses a bf16 matmul ("could not create a primitive descriptor"); vLLM then uses
+    torch's linear, and so must the LM head (it raised at every sampling step before). `emulated-avx2` makes the
+    handle fail as it does there, on any CPU; `this` runs only on such a CPU."""
+    from vllm import _custom_ops as ops
+
+    if cpu == "this" and _onednn_bf16_matmul():
+        pytest.skip("this CPU has a oneDNN bf16 matmul; the emulated case covers the fallback")
+    processor, head = _head()
+    if cpu == "emulated-avx2":
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError("could not create a primitive descriptor for the matmul primitive")
+
+        monkeypatch.setattr(ops, "create_onednn_mm", refuse)
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    for _ in range(2):  # the refusal is remembered: the second step asks oneDNN nothing
+        got = vllm_cpu_logits.apply_head(processor, head, x, None)
+        assert got.dtype == torch.bfloat16, "vLLM's path: logits in the model's dtype"
+        assert torch.equal(got, _vllm_apply_head()(processor, head, x, None))
+    assert head.__dict__["selfreward_onednn"] is None

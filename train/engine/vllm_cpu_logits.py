@@ -62,14 +62,17 @@ def forget_weights(model: torch.nn.Module) -> None:
 
 def _handler(lm_head: torch.nn.Module) -> Any:
     """A oneDNN matmul handle on the LM head's weight, built once per weights (vLLM keeps the weight for the
-    embedding; `forget_weights` after a reload)."""
-    handler = lm_head.__dict__.get("selfreward_onednn")
-    if handler is None:
+    embedding; `forget_weights` after a reload), or None where oneDNN has no matmul for the weight's dtype on this
+    CPU (bf16 on an AVX2-only CPU: "could not create a primitive descriptor"), as vLLM falls back to torch there."""
+    if "selfreward_onednn" not in lm_head.__dict__:
         from vllm import _custom_ops as ops
 
-        handler = ops.create_onednn_mm(lm_head.weight.t(), 32)
+        try:
+            handler = ops.create_onednn_mm(lm_head.weight.t(), 32)
+        except RuntimeError:
+            handler = None
         lm_head.__dict__["selfreward_onednn"] = handler
-    return handler
+    return lm_head.__dict__["selfreward_onednn"]
 
 
 def _plain(processor: torch.nn.Module, lm_head: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -102,7 +105,7 @@ def apply_head(
     self, lm_head: torch.nn.Module, hidden_states: torch.Tensor, embedding_bias: torch.Tensor | None
 ) -> torch.Tensor:
     """vLLM's `LogitsProcessor._apply_head` (hidden states through the LM head), as float32 logits in kept buffers."""
-    if _plain(self, lm_head, hidden_states, embedding_bias):
+    if _plain(self, lm_head, hidden_states, embedding_bias) and (handler := _handler(lm_head)) is not None:
         x = hidden_states.reshape(-1, hidden_states.shape[-1]).contiguous()
         rows, vocab = x.shape[0], lm_head.weight.shape[0]
         capacity = MAX_BUFFER_BYTES // (vocab * (x.element_size() + 4))
@@ -111,7 +114,7 @@ def apply_head(
             _buffer(lm_head, "selfreward_logits_f32", rows, vocab, torch.float32, capacity) if low is not None else None
         )
         if high is not None:
-            torch.ops._C.onednn_mm(low, x, None, _handler(lm_head).handler_tensor)
+            torch.ops._C.onednn_mm(low, x, None, handler.handler_tensor)
             return high.copy_(low).view(*hidden_states.shape[:-1], vocab)
     if "_apply_head" not in _VLLM:  # called before install(): the class still has vLLM's own
         from vllm.model_executor.layers.logits_processor import LogitsProcessor
