@@ -19,7 +19,6 @@ T_ENTER = time.time()  # the scpo child's first statement: interpreter start-up 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -31,27 +30,13 @@ from typing import Any  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench_report import method_texts, print_table, verdicts  # noqa: E402
+from roofline import describe_machine, load_average  # noqa: E402
 
 RECIPE = "recipes/scpo/smollm2-135m-cpu.yaml"
 MODEL = "smollm2-135m-instruct"
 NUM_PROMPTS, NUM_SAMPLES, MAX_TOKENS, TEMPERATURE = 16, 4, 64, 0.8
 REPEATS = 1  # timed generate runs per engine after a warm-up (HF with 2 threads on a loaded 2-core box is slow)
 KV_GIB = 1  # vLLM-CPU KV cache per engine in GiB, fixed as the CPU recipes set it (sampling.kv_cache_gib)
-
-
-def _cpu_model() -> str | None:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or None
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 # ---- overhead: one small ScPO iteration in a child process -----------------------------------------------------
@@ -345,26 +330,13 @@ def main() -> int:
         return lora_child(args.lora_child[0])
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(KV_GIB))  # inherited by the scpo child
-    import torch
 
     out_root = Path(args.out)
     out_root.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     results: dict[str, Any] = {
         "date": datetime.now().isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            # The peaks and fractions depend on the ISA more than on anything else: AMX bf16 measured 18x the fp32 peak of
-            # an AVX2-only box, whose non-matmul costs did not shrink with it (docs/results.md, session 13).
-            "cpu_model": _cpu_model(),
-            "cpu_isa": torch.backends.cpu.get_cpu_capability(),
-            "cpu_amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
-            "load_average_start": _load_average(),
-        },  # fmt: skip
+        "machine": describe_machine(),
         "errors": {},
     }
     t0 = time.time()
@@ -387,7 +359,7 @@ def main() -> int:
         results["errors"]["roofline"] = f"{type(e).__name__}: {e}"
     if not args.roofline_only:
         bench_rest(out_root, stamp, results)
-    results["machine"]["load_average_end"] = _load_average()
+    results["machine"]["load_average_end"] = load_average()
     results["bench_wall_s"] = round(time.time() - t0, 1)
     if not args.roofline_only:
         results["goals"] = verdicts(results)

@@ -7,6 +7,8 @@ Plain functions; `scripts/bench.py` calls `roofline_results` and merges its keys
 from __future__ import annotations
 
 import json
+import os
+import platform
 import re
 import sys
 import time
@@ -19,6 +21,40 @@ if str(ROOT) not in sys.path:
 
 PHASES = ("generate", "train", "eval")
 # Training FLOPs per token as a multiple of the forward's, LoRA-DPO (see `model_flops_per_token`).
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _cpu_model() -> str | None:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+
+def describe_machine() -> dict[str, Any]:
+    """The machine the peaks are measured on. They and the fractions depend on the ISA more than on anything else:
+    the AMX bf16 peak measured 15-18x an AVX2-only box's float32 peak, while the non-matmul costs did not shrink with
+    it (docs/results.md, session 13)."""
+    import torch
+
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_model": _cpu_model(),
+        "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+        "cpu_amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+        "load_average_start": load_average(),
+    }
 
 
 def model_flops_per_token(config: dict[str, Any], context_len: int, reference_passes: float = 1.0) -> dict[str, Any]:

@@ -146,3 +146,14 @@ def test_bench_goals_judge_the_demo_figures(monkeypatch):
     got = {name: v["status"] for name, v in bench_report.verdicts(results).items()}
     assert got == {"vllm_vs_hf": "PASS", "swap_vs_reload": "PASS", "overhead": "MISS", "demo_generate_rate": "PASS",
                    "generate_vs_peak": "MISS"}  # fmt: skip
+
+
+def test_bench_records_the_cpu_the_peaks_were_measured_on():
+    """Peaks and fractions are ISA figures (AMX bf16 against an AVX2-only box: 15-18x), so the bench JSON names the CPU."""
+    import torch
+
+    machine = roofline.describe_machine()
+    assert machine["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["cpu_amx"] == torch.cpu._is_amx_tile_supported()
+    assert machine["cpus"] >= 1 and machine["torch_threads"] == torch.get_num_threads()
+    assert machine["cpu_model"] is None or machine["cpu_model"].strip() == machine["cpu_model"] != ""
